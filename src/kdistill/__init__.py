@@ -1,0 +1,3 @@
+"""kdistill: distill large language models into small ones, and measure what they kept."""
+
+__version__ = "0.1.0"

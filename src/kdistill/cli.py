@@ -1,0 +1,103 @@
+"""``kdistill`` command line: parse arguments, load the config, call one pipeline function.
+
+User mistakes (:class:`~kdistill.errors.KDistillError`) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Optional
+
+from kdistill import __version__
+from kdistill.errors import KDistillError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kdistill",
+        description="Distill a large language model (teacher) into a small one (student), and report what it kept.",
+    )
+    p.add_argument("--version", action="version", version=f"kdistill {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def with_config(name: str, help_: str):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("config", help="YAML config file")
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.max_steps=10 (repeatable)")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+        return sp
+
+    with_config("run", "train a student as the config says (method: logit, ...) and write student/ + report")
+    with_config("eval", "compare an existing teacher and student on held-out data (report only, no training)")
+    demo = sub.add_parser("demo", help="distill the bundled SmolLM2-135M-Instruct teacher on this machine (~10 min on 2 CPU cores)",
+                          description="The embedded default: a real teacher, a student cut from it, a task, a report.")
+    demo.add_argument("--output-dir", default="runs/demo", help="where the run goes (default: runs/demo)")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a key of the embedded demo config")
+    demo.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("transformers", "accelerate", "datasets", "httpx", "urllib3", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _say(msg: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(f"[bold cyan]kdistill[/] {msg}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    _setup_logging()
+    try:
+        if args.command == "demo":
+            from kdistill.demo import run_demo
+
+            run_demo(args.output_dir, args.overrides, progress=not args.no_progress)
+            return 0
+        from kdistill.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "run":
+            from kdistill.pipeline import run
+
+            rep = run(cfg, say=_say, progress=not args.no_progress)
+        elif args.command == "eval":
+            from kdistill.pipeline import evaluate_only
+
+            rep = evaluate_only(cfg, say=_say)
+        else:  # pragma: no cover - argparse refuses unknown commands
+            raise AssertionError(args.command)
+        from kdistill.demo import print_summary
+
+        print_summary(rep, cfg.output_dir)
+        return 0
+    except KDistillError as exc:
+        print(f"kdistill: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kdistill: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""The run config: one YAML file, validated here before any model is loaded.
+
+This module is the single source of defaults. Every section is a pydantic model with
+``extra="forbid"``, so a typo in a key is an error that names the key, never silently ignored.
+
+Load with :func:`load_config` (YAML file + ``--set a.b=c`` overrides).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kdistill.errors import ConfigError
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+LAYER_SELECTIONS = ("uniform", "first", "last", "first_last", "importance")
+METHODS = ("logit",)
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherConfig(Section):
+    """Where the teacher signal comes from."""
+
+    model: Optional[str] = Field(
+        None, description="Hub id, local folder, or a .gguf file. 'demo' = the bundled SmolLM2-135M-Instruct."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+class StudentInit(Section):
+    """Build the student by cutting layers out of the teacher."""
+
+    from_teacher: bool = True
+    num_layers: Optional[int] = Field(None, ge=1)
+    layer_selection: Union[Literal["uniform", "first", "last", "first_last", "importance"], list[int]] = "uniform"
+    importance_samples: int = Field(32, ge=1, description="training rows used to score block importance")
+
+    @field_validator("layer_selection", mode="before")
+    @classmethod
+    def _check_selection(cls, v: Any) -> Any:
+        if isinstance(v, str) and v not in LAYER_SELECTIONS:
+            raise ValueError(f"expected one of {', '.join(LAYER_SELECTIONS)} or a list of layer indices, got {v!r}")
+        return v
+
+
+class StudentConfig(Section):
+    model: Optional[str] = None
+    init: Optional[StudentInit] = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    freeze_embeddings: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "StudentConfig":
+        if self.model is None and self.init is None:
+            raise ValueError("set either student.model or student.init")
+        if self.model is not None and self.init is not None:
+            raise ValueError("set only one of student.model and student.init")
+        if self.init is not None and not self.init.from_teacher:
+            raise ValueError("student.init.from_teacher must be true (or give student.model)")
+        return self
+
+
+class DataConfig(Section):
+    train: Optional[str] = None
+    eval: Optional[str] = None
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="held-out share of train when data.eval is unset")
+    max_eval_rows: int = Field(200, ge=1)
+    max_length: int = Field(256, ge=8)
+    system_prompt: Optional[str] = Field(
+        None, description="system message added to every row without one (overrides a template's default)"
+    )
+    chat_template: bool = Field(True, description="render rows with the tokenizer's chat template when it has one")
+
+
+class LossConfig(Section):
+    divergence: str = "forward_kl"
+    temperature: float = Field(1.0, gt=0.0)
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the distillation term; 1-alpha on cross-entropy")
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="jsd interpolation (0 = forward KL, 1 = reverse KL)")
+    skew: float = Field(0.1, ge=0.0, le=1.0, description="skew KL mixing coefficient")
+    fused: Union[bool, Literal["auto"]] = Field(
+        "auto", description="chunked loss from hidden states (never materializes [tokens x vocab]); auto = when possible"
+    )
+    chunk_size: int = Field(1024, ge=1)
+
+    @field_validator("divergence")
+    @classmethod
+    def _check_divergence(cls, v: str) -> str:
+        if v not in DIVERGENCES:
+            hint = difflib.get_close_matches(v, DIVERGENCES, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ValueError(f"unknown divergence {v!r}{extra}; expected one of {', '.join(DIVERGENCES)}")
+        return v
+
+
+class TrainConfig(Section):
+    max_steps: Optional[int] = Field(None, ge=1)
+    epochs: Optional[float] = Field(None, gt=0)
+    max_minutes: Optional[float] = Field(None, gt=0, description="stop (and save) after this wall-clock time")
+    batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(5.0e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    log_every: int = Field(1, ge=1)
+    save_every: int = Field(50, ge=1, description="checkpoint every N optimizer steps")
+    save_total_limit: int = Field(2, ge=1)
+    num_threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+
+    @model_validator(mode="after")
+    def _length(self) -> "TrainConfig":
+        if self.max_steps is None and self.epochs is None:
+            self.max_steps = 100
+        return self
+
+
+class EvalConfig(Section):
+    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+    match: Literal["contains", "exact"] = Field("contains", description="how a generation is compared to 'reference'")
+    generate: bool = Field(True, description="run generation for task accuracy when rows have a reference")
+    show_samples: int = Field(3, ge=0)
+    speed_prompts: int = Field(4, ge=0, description="prompts used for the speed measurement (0 = skip)")
+    speed_new_tokens: int = Field(32, ge=1)
+
+
+class Config(Section):
+    output_dir: str
+    method: str = "logit"
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: Optional[StudentConfig] = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("method")
+    @classmethod
+    def _check_method(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; expected one of {', '.join(METHODS)}")
+        return v
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key.path=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=c`` overrides (values parsed as YAML scalars) to a nested dict, in place."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {} if node.get(part) is None else node[part]
+                if not isinstance(node[part], dict):
+                    raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+            node = node[part]
+        node[path[-1]] = value
+    return data
+
+
+def _allowed_keys(model_cls: type[BaseModel], loc: tuple) -> list[str]:
+    """Walk the schema along ``loc`` (minus its last part) and list the keys allowed there."""
+    cls: Any = model_cls
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        for cand in getattr(ann, "__args__", (ann,)):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                cls = cand
+                break
+        else:
+            return []
+    return list(getattr(cls, "model_fields", {}).keys())
+
+
+def format_validation_error(err: ValidationError, source: str, schema: type[BaseModel] = Config) -> str:
+    """One line naming the key and what was expected."""
+    e = err.errors()[0]
+    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    # Union/Literal validators append the branch type to loc ("list[int]", "literal[...]"); drop those.
+    loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "bool"))))
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    msg = e["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if e["type"] == "extra_forbidden":
+        allowed = _allowed_keys(schema, loc)
+        hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        did = f"did you mean {hint[0]!r}? " if hint else ""
+        msg = f"unknown key; {did}allowed here: {', '.join(allowed)}"
+    elif e["type"] == "missing":
+        msg = "required key is missing"
+    elif "input" in e and e["type"] not in ("value_error", "assertion_error"):
+        msg = f"{msg} (got {e['input']!r})"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {key}: {msg}{more}"
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, base: Optional[dict] = None) -> Config:
+    """Read a YAML config (or start from ``base``), apply overrides, validate.
+
+    Raises :class:`ConfigError` with a one-line message on any problem.
+    """
+    data: dict = dict(base or {})
+    source = "config"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+        data.update(loaded)
+    apply_overrides(data, overrides or [])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def check_paths(cfg: Config, need_train: bool = True) -> None:
+    """Fail early, before any model loads, on files that do not exist."""
+    checks = []
+    if cfg.data.train is not None:
+        checks.append(("data.train", cfg.data.train))
+    elif need_train:
+        raise ConfigError("data.train: required key is missing (a JSONL file of prompt/response rows)")
+    if cfg.data.eval is not None:
+        checks.append(("data.eval", cfg.data.eval))
+    for key, value in checks:
+        if not Path(value).is_file():
+            raise ConfigError(f"{key}: file not found: {value}")
+    for key, value in (("teacher.model", cfg.teacher.model), ("student.model", cfg.student.model if cfg.student else None)):
+        if value is None or value == "demo":
+            continue
+        if _looks_local(value) and not Path(value).exists():
+            raise ConfigError(f"{key}: not found: {value}")
+
+
+def _looks_local(value: str) -> bool:
+    return (
+        value.startswith((".", "/", "~"))
+        or value.endswith(".gguf")
+        or os.sep in value.strip("/") and value.count("/") != 1
+    )
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config (every default filled in) as YAML."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,223 @@
+"""Held-out metrics, generation, speed, and retention.
+
+Metrics of a model on held-out rows (response tokens only):
+
+* ``perplexity``      exp(mean token cross-entropy) on the reference responses (lower is better)
+* ``kl_to_teacher``   mean per-token KL(teacher ‖ model) at T = 1 (0 for the teacher itself)
+* ``top1_agreement``  share of response positions where the model's argmax = the teacher's
+* ``accuracy``        share of rows whose greedy answer matches ``reference`` (rows that have one)
+
+Retention is each metric as a student/teacher ratio oriented so 1.0 means parity:
+``accuracy_s / accuracy_t``, ``perplexity_t / perplexity_s``, ``top1_agreement_s / 1`` and
+``exp(−kl_to_teacher_s)`` (the teacher's KL to itself is 0, i.e. exp(0) = 1).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import time
+from typing import Optional
+
+import torch
+from torch import nn
+
+from kdistill.data import IGNORE_INDEX, Example, Renderer, collate, collate_prompts
+from kdistill.losses import divergence
+
+HIGHER_IS_BETTER = {"accuracy": True, "top1_agreement": True, "perplexity": False, "kl_to_teacher": False}
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+@torch.no_grad()
+def logit_metrics(
+    model: nn.Module,
+    features: list[dict],
+    pad_id: int,
+    vocab_size: int,
+    teacher: Optional[nn.Module] = None,
+    batch_size: int = 8,
+    device=None,
+) -> dict:
+    """Perplexity, and (with ``teacher``) KL to the teacher and top-1 agreement, on ``features``.
+
+    Both models see the same batches; only positions with a label (response tokens) count.
+    """
+    device = device or next(model.parameters()).device
+    nll = kl = agree = 0.0
+    n = 0
+    for chunk in _batches(features, batch_size):
+        b = collate(chunk, pad_id)
+        ids, mask, labels = b["input_ids"].to(device), b["attention_mask"].to(device), b["labels"].to(device)
+        keep = labels != IGNORE_INDEX
+        if not keep.any():
+            continue
+        s = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[..., :vocab_size][keep].float()
+        s_logp = torch.log_softmax(s, -1)
+        nll += float(-s_logp.gather(-1, labels[keep].unsqueeze(-1)).sum())
+        if teacher is not None:
+            t = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits[..., :vocab_size][keep].float()
+            t_logp = torch.log_softmax(t, -1)
+            kl += float(divergence(t_logp, s_logp, "forward_kl").sum())
+            agree += float((t.argmax(-1) == s.argmax(-1)).sum())
+        n += int(keep.sum())
+    if n == 0:
+        return {}
+    out = {"perplexity": math.exp(min(nll / n, 700.0))}
+    if teacher is not None:
+        out["kl_to_teacher"] = kl / n
+        out["top1_agreement"] = agree / n
+    return out
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower())
+
+
+def matches(output: str, reference: str, how: str = "contains") -> bool:
+    """``contains``: the reference appears in the output as whole words (case-insensitive);
+    ``exact``: equal after trimming, case and whitespace folding."""
+    out, ref = _norm(output), _norm(reference)
+    if not ref:
+        return False
+    if how == "exact":
+        return out == ref or out.rstrip(".!") == ref.rstrip(".!")
+    return re.search(r"(?<!\w)" + re.escape(ref) + r"(?!\w)", out) is not None
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    min_new_tokens: int = 0,
+    device=None,
+) -> list[str]:
+    """Batched generation (left padding, KV cache); returns the decoded new text of each prompt."""
+    device = device or next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    outs: list[str] = []
+    for chunk in _batches(prompts, batch_size):
+        b = collate_prompts(chunk, pad)
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad)
+        if do_sample:
+            kwargs["temperature"] = temperature
+        else:  # greedy: silence sampling settings inherited from generation_config
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if min_new_tokens:
+            kwargs["min_new_tokens"] = min_new_tokens
+        gen = model.generate(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), **kwargs)
+        new = gen[:, b["input_ids"].shape[1] :]
+        outs += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+    return outs
+
+
+def task_accuracy(
+    model, tokenizer, renderer: Renderer, examples: list[Example], max_new_tokens: int, batch_size: int, how: str
+) -> tuple[Optional[float], list[str]]:
+    """Greedy answers to rows with a ``reference``; accuracy (None when no row has one) and outputs."""
+    rows = [e for e in examples if e.reference is not None]
+    if not rows:
+        return None, []
+    outputs = generate(model, tokenizer, [renderer.prompt_ids(e) for e in rows], max_new_tokens, batch_size)
+    hits = sum(matches(o, e.reference, how) for o, e in zip(outputs, rows))
+    return hits / len(rows), outputs
+
+
+class _PeakRSS:
+    """Samples this process's resident memory in a thread (CPU peak-memory measurement)."""
+
+    def __init__(self, interval: float = 0.005):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.interval = interval
+        self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self.start = self.proc.memory_info().rss
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __exit__(self, *a):
+        self._stop.set()
+        self.thread.join()
+        return False
+
+
+def param_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+@torch.no_grad()
+def measure_speed(model: nn.Module, tokenizer, prompts: list[list[int]], new_tokens: int, device=None) -> dict:
+    """Greedy generation throughput and peak memory for one batch of prompts.
+
+    ``tokens_per_s``: generated tokens / wall time (exactly ``new_tokens`` per prompt, after one
+    warm-up call). ``peak_memory_mb``: on CUDA, peak allocated memory during generation; on CPU,
+    the weights' size plus the peak growth of the process's resident memory while generating.
+    """
+    if not prompts:
+        return {}
+    device = device or next(model.parameters()).device
+    generate(model, tokenizer, prompts[:1], 2, len(prompts), device=device)  # warm-up
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    t0 = time.perf_counter()
+    with _PeakRSS() as rss:
+        generate(model, tokenizer, prompts, new_tokens, len(prompts), min_new_tokens=new_tokens, device=device)
+    if cuda:
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device) - base + param_bytes(model)
+    else:
+        peak = param_bytes(model) + max(0, rss.peak - rss.start)
+    return {
+        "tokens_per_s": round(len(prompts) * new_tokens / dt, 2),
+        "peak_memory_mb": round(peak / 2**20, 1),
+        "batch": len(prompts),
+        "new_tokens": new_tokens,
+    }
+
+
+def retention(student: dict, teacher: dict) -> dict:
+    """Each metric as a ratio oriented so 1.0 = parity with the teacher (see module docstring)."""
+    out = {}
+    for key, s in student.items():
+        t = teacher.get(key)
+        if s is None:
+            continue
+        if key == "kl_to_teacher":
+            out[key] = math.exp(-s)
+        elif key == "top1_agreement":
+            out[key] = s
+        elif key == "perplexity" and t:
+            out[key] = t / s if s > 0 else None
+        elif key == "accuracy" and t:
+            out[key] = s / t
+    return {k: (round(v, 4) if v is not None else None) for k, v in out.items()}

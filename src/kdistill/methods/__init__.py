@@ -1,0 +1,39 @@
+"""Distillation methods. A method decides which sequences are trained on and which loss.
+
+The trainer (``kdistill.trainer``) is the same for every method. It asks a method three things
+per micro-batch: :meth:`Method.prepare_batch` (e.g. replace the batch with student samples),
+:meth:`Method.num_items` (how many tokens/sequences the loss averages over, summed across the
+whole optimizer step and all processes by the trainer), and :meth:`Method.loss`.
+
+Register a new method with :func:`register`; ``method: NAME`` in a config selects it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from kdistill.methods.base import Method, RunContext
+
+_REGISTRY: dict[str, Callable[[RunContext], Method]] = {}
+
+
+def register(name: str):
+    def deco(factory):
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def build_method(name: str, ctx: RunContext) -> Method:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise KeyError(name)
+    return _REGISTRY[name](ctx)
+
+
+def _load_builtin() -> None:
+    from kdistill.methods import logit  # noqa: F401
+
+
+__all__ = ["Method", "RunContext", "build_method", "register"]

@@ -1,0 +1,320 @@
+"""config -> models -> data -> method -> trainer -> student/ + report. One direction.
+
+:func:`run` is ``kdistill run``; :func:`evaluate_only` is ``kdistill eval``. Both write
+``report.json``, ``report.md`` and plots into ``output_dir``. Every user mistake raises a
+:class:`~kdistill.errors.KDistillError` before any training starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from kdistill.config import Config, check_paths, dump_config
+from kdistill.data import Example, Renderer, collate, encode_examples, load_examples, split_examples
+from kdistill.errors import ConfigError, DataError
+from kdistill.evaluate import logit_metrics, measure_speed, retention, task_accuracy
+from kdistill.models import (
+    check_vocab,
+    count_params,
+    cut_student,
+    layer_importance,
+    load_model,
+    num_layers,
+    select_layers,
+)
+from kdistill.report import model_card, plot, write_markdown
+
+log = logging.getLogger("kdistill")
+
+
+@dataclass
+class Models:
+    teacher: Any
+    student: Any
+    tokenizer: Any
+    vocab_size: int
+    teacher_name: str
+    student_name: str
+    teacher_layers: Optional[list[int]] = None
+    extra: dict = field(default_factory=dict)
+
+
+def load_data(cfg: Config, require_train: bool = True) -> tuple[list[Example], list[Example]]:
+    """Training rows and held-out rows (``data.eval``, or a deterministic split of ``data.train``)."""
+    train: list[Example] = []
+    if cfg.data.train is not None:
+        train = load_examples(cfg.data.train)
+    elif require_train:
+        raise ConfigError("data.train: required key is missing")
+    if cfg.data.eval is not None:
+        held = load_examples(cfg.data.eval)
+    elif train:
+        train, held = split_examples(train, cfg.data.eval_fraction, cfg.train.seed)
+    else:
+        raise ConfigError("data.eval: required key is missing (or give data.train to hold out a split)")
+    return train, held[: cfg.data.max_eval_rows]
+
+
+def _renderer(cfg: Config, tokenizer) -> Renderer:
+    return Renderer(tokenizer, cfg.data.max_length, cfg.data.system_prompt, cfg.data.chat_template)
+
+
+def load_models(cfg: Config, train_rows: list[Example], output_dir: Path, say: Callable[[str], None] = log.info) -> Models:
+    """Teacher, student (loaded or cut from the teacher) and the shared vocabulary size."""
+    if cfg.teacher.model is None:
+        raise ConfigError("teacher.model: required for this method (hub id, folder, .gguf file, or 'demo')")
+    if cfg.student is None:
+        raise ConfigError("student: required key is missing (student.model, or student.init to cut one from the teacher)")
+    t0 = time.time()
+    teacher, tok = load_model(
+        cfg.teacher.model, "teacher.model", cfg.teacher.dtype, cfg.teacher.revision, cfg.teacher.trust_remote_code
+    )
+    say(f"teacher {cfg.teacher.model}: {count_params(teacher):,} parameters, {num_layers_safe(teacher)} layers ({time.time() - t0:.1f} s)")
+    layers = None
+    if cfg.student.model is not None:
+        student, s_tok = load_model(
+            cfg.student.model, "student.model", cfg.student.dtype, cfg.student.revision, cfg.student.trust_remote_code
+        )
+        student_name = cfg.student.model
+    else:
+        init = cfg.student.init
+        n_total = num_layers(teacher)
+        saved = output_dir / "student_layers.json"
+        if saved.is_file():  # a resumed run keeps the layers it chose first
+            layers = json.loads(saved.read_text())["layers"]
+        else:
+            scores = None
+            if init.layer_selection == "importance":
+                if not train_rows:
+                    raise ConfigError("student.init.layer_selection: importance needs data.train rows to score layers")
+                scores = _importance(teacher, tok, cfg, train_rows[: init.importance_samples])
+            n_keep = init.num_layers if init.num_layers is not None else max(1, n_total // 2)
+            layers = select_layers(n_total, n_keep, init.layer_selection, scores)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps({"layers": layers, "importance": scores}))
+        student = cut_student(teacher, layers)
+        if cfg.student.dtype not in ("auto", "float32"):
+            student.to(getattr(torch, cfg.student.dtype))
+        s_tok = tok
+        student_name = f"{cfg.teacher.model} [layers {_ranges(layers)}]"
+        say(f"student cut from the teacher: {len(layers)} of {n_total} layers {layers}")
+    vocab = check_vocab(tok, s_tok, teacher, student)
+    if cfg.student.freeze_embeddings:
+        student.get_input_embeddings().weight.requires_grad_(False)
+    return Models(teacher, student, tok, vocab, cfg.teacher.model, student_name, layers)
+
+
+def num_layers_safe(model) -> str:
+    try:
+        return str(num_layers(model))
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
+def _ranges(idx: list[int]) -> str:
+    out, start = [], None
+    for i, v in enumerate(idx):
+        if start is None:
+            start = v
+        if i == len(idx) - 1 or idx[i + 1] != v + 1:
+            out.append(f"{start}" if start == v else f"{start}-{v}")
+            start = None
+    return ",".join(out)
+
+
+def _importance(teacher, tok, cfg: Config, rows: list[Example]) -> list[float]:
+    renderer = _renderer(cfg, tok)
+    feats = [renderer.encode(r) for r in rows]
+    batches = [collate(feats[i : i + 8], tok.pad_token_id) for i in range(0, len(feats), 8)]
+    return layer_importance(teacher, batches)
+
+
+def model_metrics(model, m: Models, cfg: Config, renderer: Renderer, eval_rows, eval_feats, with_teacher: bool, device) -> dict:
+    """Held-out logit metrics and task accuracy of one model (outputs kept for samples)."""
+    metrics = logit_metrics(
+        model, eval_feats, m.tokenizer.pad_token_id, m.vocab_size,
+        teacher=m.teacher if with_teacher else None, batch_size=cfg.eval.batch_size, device=device,
+    )
+    if not with_teacher:  # the teacher against itself
+        metrics["kl_to_teacher"] = 0.0
+        metrics["top1_agreement"] = 1.0
+    outputs: list[str] = []
+    if cfg.eval.generate:
+        acc, outputs = task_accuracy(
+            model, m.tokenizer, renderer, eval_rows, cfg.eval.max_new_tokens, cfg.eval.batch_size, cfg.eval.match
+        )
+        if acc is not None:
+            metrics["accuracy"] = acc
+    return {"metrics": {k: round(v, 6) for k, v in metrics.items()}, "outputs": outputs}
+
+
+def _cached(path: Path, fn: Callable[[], dict]) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = fn()
+    path.write_text(json.dumps(value))
+    return value
+
+
+def _headline(rep: dict) -> str:
+    s, t = rep["student"], rep["teacher"]
+    share = s["params"] / t["params"]
+    ret = rep["retention"]
+    if "accuracy" in ret and ret["accuracy"] is not None:
+        return (
+            f"The student keeps {ret['accuracy']:.0%} of the teacher's held-out accuracy "
+            f"({s['metrics']['accuracy']:.1%} vs {t['metrics']['accuracy']:.1%}) with {share:.0%} of its parameters."
+        )
+    if "perplexity" in ret and ret["perplexity"] is not None:
+        return f"Perplexity retention {ret['perplexity']:.2f} (teacher/student) with {share:.0%} of the teacher's parameters."
+    return ""
+
+
+def build_report(cfg: Config, m: Models, teacher_ev: dict, initial_ev: Optional[dict], final_ev: dict,
+                 eval_rows: list[Example], speed: dict, training: Optional[dict], method_summary: Optional[dict]) -> dict:
+    rep: dict = {
+        "method": cfg.method,
+        "teacher": {"name": m.teacher_name, "params": count_params(m.teacher), "metrics": teacher_ev["metrics"]},
+        "student": {"name": m.student_name, "params": count_params(m.student), "metrics": final_ev["metrics"],
+                    "teacher_layers": m.teacher_layers},
+        "eval_rows": len(eval_rows),
+    }
+    if initial_ev is not None:
+        rep["student_initial"] = {"params": rep["student"]["params"], "metrics": initial_ev["metrics"]}
+    rep["retention"] = retention(final_ev["metrics"], teacher_ev["metrics"])
+    rep["speed"] = speed
+    if training:
+        rep["training"] = training
+    if method_summary:
+        rep["method_summary"] = method_summary
+    rows_with_out = [e for e in eval_rows if e.reference is not None]
+    samples = []
+    for i, e in enumerate(rows_with_out[: cfg.eval.show_samples]):
+        smp = {"id": e.id, "prompt": e.prompt, "reference": e.reference}
+        for key, ev in (("teacher", teacher_ev), ("student_initial", initial_ev), ("student", final_ev)):
+            if ev is not None and i < len(ev.get("outputs", [])):
+                smp[key] = ev["outputs"][i]
+        samples.append(smp)
+    rep["samples"] = samples
+    rep["headline"] = _headline(rep)
+    return rep
+
+
+def write_report(rep: dict, cfg: Config, out: Path) -> None:
+    (out / "report.json").write_text(json.dumps(rep, indent=2))
+    write_markdown(rep, out / "report.md")
+    rep["plots"] = plot(rep, out / "metrics.jsonl", out)
+    (out / "report.json").write_text(json.dumps(rep, indent=2))
+
+
+def _speed(m: Models, renderer: Renderer, eval_rows: list[Example], cfg: Config, device) -> dict:
+    n = cfg.eval.speed_prompts
+    if n == 0 or not eval_rows:
+        return {}
+    prompts = [renderer.prompt_ids(e) for e in eval_rows[:n]]
+    return {
+        "teacher": measure_speed(m.teacher, m.tokenizer, prompts, cfg.eval.speed_new_tokens, device),
+        "student": measure_speed(m.student, m.tokenizer, prompts, cfg.eval.speed_new_tokens, device),
+    }
+
+
+def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = True) -> dict:
+    """``kdistill run``: train a student and write everything into ``cfg.output_dir``."""
+    from accelerate import Accelerator
+
+    from kdistill.methods import RunContext, build_method
+    from kdistill.methods.base import StudentLM
+    from kdistill.trainer import train
+
+    out = Path(cfg.output_dir)
+    check_paths(cfg)
+    train_rows, eval_rows = load_data(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    device = acc.device
+    m = load_models(cfg, train_rows, out, say)
+    m.teacher.to(device)
+    m.student.to(device)
+    renderer = _renderer(cfg, m.tokenizer)
+    feats, n_empty = encode_examples(renderer, train_rows)
+    truncated = renderer.truncated
+    eval_renderer = _renderer(cfg, m.tokenizer)
+    eval_feats, _ = encode_examples(eval_renderer, eval_rows)
+    if truncated or n_empty:
+        say(f"data: {truncated} of {len(train_rows)} training rows truncated to data.max_length={cfg.data.max_length}"
+            + (f"; {n_empty} had no response tokens left and are skipped" if n_empty else ""))
+    if not feats:
+        raise DataError(f"{cfg.data.train}: no row has response tokens within data.max_length={cfg.data.max_length}")
+
+    from kdistill.teachers import LocalTeacher
+
+    teacher = LocalTeacher(m.teacher, m.vocab_size, name=m.teacher_name)
+    ctx = RunContext(cfg=cfg, tokenizer=m.tokenizer, teacher=teacher, vocab_size=m.vocab_size, output_dir=out,
+                     device=device, renderer=renderer, train_examples=train_rows)
+    try:
+        method = build_method(cfg.method, ctx)
+    except ValueError as exc:
+        raise ConfigError(f"method: {exc}") from None
+    feats = method.train_features() or feats
+
+    if acc.is_main_process:
+        say(f"evaluating the teacher and the initial student on {len(eval_rows)} held-out rows")
+    teacher_ev = _cached(out / "eval_teacher.json",
+                         lambda: model_metrics(m.teacher, m, cfg, eval_renderer, eval_rows, eval_feats, False, device))
+    initial_ev = _cached(out / "eval_student_initial.json",
+                         lambda: model_metrics(m.student, m, cfg, eval_renderer, eval_rows, eval_feats, True, device))
+
+    say(f"training ({cfg.method}, {cfg.loss.divergence}, T={cfg.loss.temperature}, alpha={cfg.loss.alpha}) on {len(feats)} rows")
+    wrapper = StudentLM(m.student)
+    result = train(wrapper, method, feats, lambda b: collate(b, m.tokenizer.pad_token_id), cfg.train, out,
+                   accelerator=acc, progress=progress)
+    student = acc.unwrap_model(wrapper).model
+    m.student = student
+
+    final_ev = model_metrics(student, m, cfg, eval_renderer, eval_rows, eval_feats, True, device)
+    speed = _speed(m, eval_renderer, eval_rows, cfg, device) if acc.is_main_process else {}
+    training = {
+        "steps": result.steps, "seconds": round(result.seconds, 1), "train_rows": len(feats),
+        "items": result.tokens, "resumed_from": result.resumed_from, "stopped_early": result.stopped_early,
+        "truncated_rows": truncated,
+    }
+    rep = build_report(cfg, m, teacher_ev, initial_ev, final_ev, eval_rows, speed, training, method.summary())
+    if acc.is_main_process:
+        sdir = out / "student"
+        student.save_pretrained(str(sdir))
+        m.tokenizer.save_pretrained(str(sdir))
+        (sdir / "README.md").write_text(model_card(rep, dump_config(cfg)))
+        write_report(rep, cfg, out)
+    return rep
+
+
+def evaluate_only(cfg: Config, say: Callable[[str], None] = log.info) -> dict:
+    """``kdistill eval``: the same report for existing teacher and student, without training."""
+    out = Path(cfg.output_dir)
+    check_paths(cfg, need_train=False)
+    train_rows, eval_rows = load_data(cfg, require_train=False)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    m = load_models(cfg, train_rows, out, say)
+    m.teacher.to(device)
+    m.student.to(device)
+    renderer = _renderer(cfg, m.tokenizer)
+    eval_feats, _ = encode_examples(renderer, eval_rows)
+    say(f"evaluating teacher and student on {len(eval_rows)} held-out rows")
+    teacher_ev = model_metrics(m.teacher, m, cfg, renderer, eval_rows, eval_feats, False, device)
+    student_ev = model_metrics(m.student, m, cfg, renderer, eval_rows, eval_feats, True, device)
+    speed = _speed(m, renderer, eval_rows, cfg, device)
+    rep = build_report(cfg, m, teacher_ev, None, student_ev, eval_rows, speed, None, None)
+    write_report(rep, cfg, out)
+    return rep

@@ -1,0 +1,158 @@
+"""report.json, report.md and plots from a finished evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from kdistill.evaluate import HIGHER_IS_BETTER
+
+METRIC_ORDER = ("accuracy", "perplexity", "kl_to_teacher", "top1_agreement")
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:,.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def metrics_table(report: dict) -> list[list[str]]:
+    """Rows: metric, teacher, student (initial), student (trained), retention."""
+    rows = []
+    keys = [k for k in METRIC_ORDER if k in report["student"]["metrics"]]
+    for k in keys:
+        arrow = "↑" if HIGHER_IS_BETTER.get(k, True) else "↓"
+        rows.append(
+            [
+                f"{k} {arrow}",
+                _fmt(report["teacher"]["metrics"].get(k)),
+                _fmt(report.get("student_initial", {}).get("metrics", {}).get(k)),
+                _fmt(report["student"]["metrics"].get(k)),
+                _fmt(report["retention"].get(k)),
+            ]
+        )
+    return rows
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    t, s = report["teacher"], report["student"]
+    lines = [f"# kdistill report: {report.get('method', '')}", ""]
+    head = report.get("headline")
+    if head:
+        lines += [f"**{head}**", ""]
+    lines += [
+        f"- teacher: `{t['name']}` ({_fmt(t['params'])} parameters)",
+        f"- student: `{s['name']}` ({_fmt(s['params'])} parameters, "
+        f"{s['params'] / t['params']:.0%} of the teacher)",
+    ]
+    tr = report.get("training")
+    if tr:
+        lines.append(
+            f"- training: {tr['steps']} steps on {tr['train_rows']} rows in {tr['seconds']:.0f} s"
+            + (f" (resumed from step {tr['resumed_from']})" if tr.get("resumed_from") else "")
+            + (f"; {tr['truncated_rows']} rows truncated to data.max_length" if tr.get("truncated_rows") else "")
+        )
+    lines.append(f"- held-out rows: {report.get('eval_rows')}")
+    lines += ["", "| metric | teacher | student (initial) | student (trained) | retention |", "|---|---|---|---|---|"]
+    for row in metrics_table(report):
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Retention = student / teacher, oriented so 1.0 means parity (see `kdistill.evaluate`).", ""]
+    sp = report.get("speed") or {}
+    if sp.get("teacher") and sp.get("student"):
+        lines += ["## Cost", "", "| | tokens/s (generation) | peak memory (MB) |", "|---|---|---|"]
+        for who in ("teacher", "student"):
+            lines.append(f"| {who} | {_fmt(sp[who].get('tokens_per_s'))} | {_fmt(sp[who].get('peak_memory_mb'))} |")
+        lines.append("")
+    extra = report.get("method_summary")
+    if extra:
+        lines += ["## Method", "", "```json", json.dumps(extra, indent=2), "```", ""]
+    samples = report.get("samples") or []
+    if samples:
+        lines += ["## Samples", ""]
+        for smp in samples:
+            lines.append(f"- **prompt**: {smp['prompt']}")
+            for k in ("reference", "teacher", "student_initial", "student"):
+                if smp.get(k) is not None:
+                    lines.append(f"  - {k}: {smp[k]!r}")
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def plot(report: dict, metrics_path: Optional[Path], out_dir: Path) -> list[str]:
+    """``loss.png`` (training loss) and ``metrics.png`` (teacher vs student bars). Returns file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    if metrics_path is not None and metrics_path.exists():
+        rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
+        if rows:
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel("training loss")
+            ax.set_title("Training loss")
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            fig.savefig(out_dir / "loss.png", dpi=110)
+            plt.close(fig)
+            made.append("loss.png")
+    keys = [k for k in METRIC_ORDER if k in report["student"]["metrics"]]
+    if keys:
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2))
+        axes = [axes] if len(keys) == 1 else list(axes)
+        for ax, k in zip(axes, keys):
+            names, vals = [], []
+            for who, label in (("teacher", "teacher"), ("student_initial", "initial"), ("student", "trained")):
+                v = report.get(who, {}).get("metrics", {}).get(k)
+                if v is not None:
+                    names.append(label)
+                    vals.append(v)
+            ax.bar(names, vals, color=["#4c72b0", "#bbbbbb", "#dd8452"][: len(vals)])
+            if k == "perplexity":
+                ax.set_yscale("log")
+            ax.set_title(k + (" ↑" if HIGHER_IS_BETTER.get(k, True) else " ↓"))
+        fig.suptitle("Teacher vs student (held-out)")
+        fig.tight_layout()
+        fig.savefig(out_dir / "metrics.png", dpi=110)
+        plt.close(fig)
+        made.append("metrics.png")
+    return made
+
+
+def model_card(report: dict, cfg_dump: str) -> str:
+    t, s = report["teacher"], report["student"]
+    tr = report.get("training") or {}
+    ret = ", ".join(f"{k} {v:.2f}" for k, v in report["retention"].items() if v is not None)
+    layers = s.get("teacher_layers")
+    return "\n".join(
+        [
+            "---",
+            "library_name: transformers",
+            "tags: [kdistill, distillation]",
+            "---",
+            f"# {s['name']}",
+            "",
+            f"Distilled with [kdistill](https://pypi.org/project/kdistill/) from `{t['name']}` "
+            f"(method: `{report.get('method')}`).",
+            "",
+            f"- parameters: {s['params']:,} ({s['params'] / t['params']:.0%} of the teacher's {t['params']:,})",
+            *( [f"- kept teacher layers: {layers}"] if layers else [] ),
+            f"- training data: {tr.get('train_rows', '?')} rows, {tr.get('steps', '?')} optimizer steps",
+            f"- held-out retention (student/teacher, 1.0 = parity): {ret or 'n/a'}",
+            "",
+            "## Config",
+            "",
+            "```yaml",
+            cfg_dump.strip(),
+            "```",
+            "",
+        ]
+    )

@@ -1,0 +1,224 @@
+"""The one training loop every method shares.
+
+Read it top to bottom: build batches -> for each optimizer step, collect the micro-batches,
+count the items the loss averages over *across all of them and all processes*, then
+forward/backward each micro-batch with its loss divided by that global count (so gradient
+accumulation and data parallelism give the same gradient as one big batch), clip, step, log,
+checkpoint.
+
+Runs on CPU, one GPU or many (``accelerate launch``) without changes. Checkpoints are
+``output_dir/checkpoints/step-N`` (accelerate state: model as safetensors, optimizer, scheduler,
+RNG) plus ``trainer_state.json``; a rerun on the same ``output_dir`` resumes from the newest one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from kdistill.methods.base import Method
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    resumed_from: Optional[int]
+    seconds: float
+    tokens: int
+    stopped_early: bool
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_batches(n_rows: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Row indices of each micro-batch of one epoch: a seeded shuffle, the last partial batch kept."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n_rows, generator=g).tolist()
+    return [order[i : i + batch_size] for i in range(0, n_rows, batch_size)]
+
+
+def _latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
+    done = [p for p in ckpt_root.glob("step-*") if (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _move(batch: dict, device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def train(
+    model: nn.Module,
+    method: Method,
+    features: list[dict],
+    collate_fn: Callable[[list[dict]], dict],
+    tcfg,
+    output_dir: Path,
+    accelerator=None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` (a :class:`~kdistill.methods.base.StudentLM`) in place.
+
+    Args:
+        features: encoded rows (``input_ids``, ``labels``, ``id``).
+        tcfg: the config's ``train`` section.
+        output_dir: where ``metrics.jsonl`` and ``checkpoints/`` go.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    output_dir = Path(output_dir)
+    acc = accelerator or Accelerator(mixed_precision=tcfg.mixed_precision)
+    set_seed(tcfg.seed)
+    if tcfg.num_threads:
+        torch.set_num_threads(tcfg.num_threads)
+
+    ga = tcfg.gradient_accumulation_steps
+    world, rank = acc.num_processes, acc.process_index
+    per_epoch = math.ceil(len(features) / tcfg.batch_size)  # global micro-batches per epoch
+    steps_per_epoch = max(1, per_epoch // (ga * world))
+    total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * steps_per_epoch))
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
+    sched_name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[tcfg.lr_scheduler]
+    scheduler = get_scheduler(
+        sched_name, optimizer, num_warmup_steps=int(tcfg.warmup_ratio * total_steps), num_training_steps=total_steps
+    )
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+
+    # ---- resume -------------------------------------------------------------------------------
+    ckpt_root = output_dir / "checkpoints"
+    metrics_path = output_dir / "metrics.jsonl"
+    step, cursor, tokens_seen, resumed_from = 0, 0, 0, None
+    latest = _latest_checkpoint(ckpt_root)
+    if latest is not None:
+        acc.load_state(str(latest))
+        state = json.loads((latest / "trainer_state.json").read_text())
+        step, cursor, tokens_seen = state["step"], state["cursor"], state["tokens"]
+        resumed_from = step
+        if acc.is_main_process and metrics_path.exists():  # drop rows logged after that checkpoint
+            rows = [l for l in metrics_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+            metrics_path.write_text("".join(r + "\n" for r in rows))
+    elif acc.is_main_process and metrics_path.exists():
+        metrics_path.unlink()
+
+    def micro_batches(start: int):
+        """This process's micro-batches from global index ``start`` on, epoch after epoch.
+
+        Global micro-batch g (epoch g // per_epoch) goes to process g % world, so a resumed run
+        sees exactly the batches it would have seen without the interruption.
+        """
+        g = start
+        while True:
+            epoch, j = divmod(g, per_epoch)
+            batches = _epoch_batches(len(features), tcfg.batch_size, tcfg.seed, epoch)
+            if g % world == rank:
+                yield _move(collate_fn([features[k] for k in batches[j]]), acc.device)
+            g += 1
+
+    stream = micro_batches(cursor)
+    bar = None
+    if progress and acc.is_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+
+    t0 = time.time()
+    stopped_early = False
+    model.train()
+    while step < total_steps:
+        # 1. the micro-batches of this optimizer step, and the global item count
+        group = [method.prepare_batch(next(stream), model) for _ in range(ga)]
+        counts = torch.tensor([method.num_items(b) for b in group], device=acc.device, dtype=torch.float32)
+        n_global = acc.reduce(counts.sum(), reduction="sum") if world > 1 else counts.sum()
+        n_global = n_global.clamp(min=1.0)
+
+        # 2. forward/backward each micro-batch (loss = its share of the global mean)
+        step_loss = torch.zeros((), device=acc.device)
+        extra: dict = {}
+        for i, batch in enumerate(group):
+            sync = i == len(group) - 1
+            ctx = acc.no_sync(model) if (not sync and world > 1) else _nullcontext()
+            with ctx:
+                loss, info = method.loss(model, batch, n_global)
+                acc.backward(loss * world)  # DDP averages gradients over processes; undo that
+            step_loss += loss.detach()
+            for k, v in info.items():
+                extra[k] = extra.get(k, 0.0) + float(v) / len(group)
+        grad_norm = None
+        if tcfg.max_grad_norm is not None:
+            grad_norm = acc.clip_grad_norm_(params, tcfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        cursor += ga * world
+        tokens_seen += int(n_global)
+
+        # 3. log
+        loss_value = float(acc.reduce(step_loss, reduction="sum")) if world > 1 else float(step_loss)
+        if acc.is_main_process and (step % tcfg.log_every == 0 or step == total_steps):
+            row = {
+                "step": step,
+                "loss": round(loss_value, 6),
+                "learning_rate": scheduler.get_last_lr()[0],
+                "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
+                "items": int(n_global),
+                "elapsed_s": round(time.time() - t0, 2),
+                **{k: round(v, 6) for k, v in extra.items()},
+            }
+            with metrics_path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+
+        # 4. checkpoint (and stop on the wall-clock budget)
+        out_of_time = tcfg.max_minutes is not None and (time.time() - t0) / 60 >= tcfg.max_minutes
+        if step % tcfg.save_every == 0 or out_of_time or step == total_steps:
+            _save_checkpoint(acc, ckpt_root, step, cursor, tokens_seen, tcfg.save_total_limit)
+        if out_of_time and step < total_steps:
+            stopped_early = True
+            break
+    if bar is not None:
+        bar.close()
+    model.eval()
+    return TrainResult(step, resumed_from, time.time() - t0, tokens_seen, stopped_early)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _save_checkpoint(acc, root: Path, step: int, cursor: int, tokens: int, keep: int) -> None:
+    """Write ``step-N`` atomically (tmp folder, then rename) and prune old checkpoints."""
+    final = root / f"step-{step}"
+    if final.exists():
+        return
+    tmp = root / f".tmp-step-{step}"
+    if acc.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    if acc.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "cursor": cursor, "tokens": tokens}))
+        tmp.rename(final)
+        done = sorted(
+            (p for p in root.glob("step-*") if (p / "trainer_state.json").is_file()), key=lambda p: int(p.name.split("-")[1])
+        )
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
