@@ -20,7 +20,7 @@ from kdistill.errors import ConfigError
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 LAYER_SELECTIONS = ("uniform", "first", "last", "first_last", "importance")
-METHODS = ("logit",)
+METHODS = ("logit", "on_policy", "on_policy_filter", "self_distill", "zephyr", "dpo")
 
 
 class Section(BaseModel):
@@ -143,6 +143,96 @@ class EvalConfig(Section):
     speed_new_tokens: int = Field(32, ge=1)
 
 
+# --- on-policy, self- and preference distillation (issue 6) ---------------------------------
+
+
+class OnPolicyConfig(Section):
+    """``method: on_policy`` — generalized KD (GKD, Agarwal et al. 2024).
+
+    Per batch, with probability ``lambda`` the completions are sampled from the student; otherwise
+    they are the dataset's responses (or the teacher's own samples with ``seq_kd: true``). The
+    teacher's logits on those sequences are the target of ``loss.divergence`` (for this method
+    ``loss.divergence`` defaults to ``jsd`` and ``loss.alpha`` to 1.0 unless set).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_by_name=True,
+                              validate_by_alias=True, serialize_by_alias=True)
+
+    lambda_: float = Field(0.5, ge=0.0, le=1.0, alias="lambda",
+                           description="probability that a batch is sampled from the student (0 = method: logit)")
+    seq_kd: bool = Field(False, description="off-policy batches use the teacher's samples instead of the dataset's responses")
+    temperature: float = Field(1.0, ge=0.0, description="sampling temperature (0 = greedy); the loss uses loss.temperature")
+    max_new_tokens: int = Field(64, ge=1, description="longest sampled completion")
+
+
+class RatingConfig(Section):
+    """How a model rates an answer as a judge (``scorer: judge``): a rating prompt, scored from the
+    judge's next-token probabilities of the tokens "1".."scale" (expected rating, in [1, scale])."""
+
+    template: Optional[str] = Field(None, description="judge prompt with {prompt}, {answer}, {scale}; none = built-in")
+    scale: int = Field(5, ge=2, le=9, description="ratings 1..scale (each must be one token)")
+    max_length: int = Field(1024, ge=16, description="judge prompts are cut to their last max_length tokens")
+
+
+class OnPolicyFilterConfig(Section):
+    """``method: on_policy_filter`` — the student writes ``n`` candidates per prompt, the teacher scores
+    them, the best ``keep`` per prompt are kept and the student is fine-tuned on them (cross-entropy,
+    ``train.max_steps`` per round); repeated for ``rounds``."""
+
+    rounds: int = Field(2, ge=1)
+    n: int = Field(4, ge=1, description="candidates per prompt")
+    keep: int = Field(1, ge=1, description="best candidates kept per prompt")
+    min_score: Optional[float] = Field(None, description="also drop kept candidates scoring below this")
+    scorer: Literal["loglik", "judge"] = Field(
+        "loglik", description="loglik: the teacher's mean log-likelihood of the candidate; judge: the teacher rates it (see rating)"
+    )
+    temperature: float = Field(1.0, ge=0.0, description="sampling temperature (0 = greedy)")
+    max_new_tokens: int = Field(64, ge=1)
+    prompts_per_round: Optional[int] = Field(None, ge=1, description="training prompts per round (a seeded sample); none = all")
+
+
+class SelfDistillConfig(Section):
+    """``method: self_distill`` — the model writes ``n`` candidates per prompt, they are scored, the top
+    ``keep_fraction`` of all candidates is kept and the model is fine-tuned on them, for ``iterations``."""
+
+    iterations: int = Field(2, ge=1)
+    n: int = Field(4, ge=1, description="candidates per prompt")
+    keep_fraction: float = Field(0.5, gt=0.0, le=1.0, description="share of all candidates kept (best first)")
+    scorer: Literal["self", "judge", "teacher_loglik"] = Field(
+        "self", description="self: the model's own mean log-likelihood; judge: the teacher rates it; teacher_loglik"
+    )
+    temperature: float = Field(1.0, ge=0.0)
+    max_new_tokens: int = Field(64, ge=1)
+    prompts_per_round: Optional[int] = Field(None, ge=1)
+
+
+class DPOConfig(Section):
+    """DPO (Rafailov et al. 2023): zephyr's third stage, or ``method: dpo`` on a pairs file."""
+
+    beta: float = Field(0.1, gt=0.0, description="strength of the KL anchor to the reference model")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="conservative DPO: assumed share of flipped labels")
+    pairs: Optional[str] = Field(None, description="method dpo: JSONL of {id?, prompt|messages, chosen, rejected}")
+    max_steps: Optional[int] = Field(None, ge=1, description="DPO optimizer steps (none = train.max_steps)")
+    learning_rate: Optional[float] = Field(None, gt=0.0, description="none = train.learning_rate")
+
+
+class ZephyrConfig(Section):
+    """``method: zephyr`` — 1. dSFT on teacher answers, 2. AI feedback (candidates rated by the teacher),
+    3. dDPO against the frozen dSFT student (see ``dpo``). Each stage resumes; a finished one is skipped."""
+
+    sft_max_steps: Optional[int] = Field(None, ge=1, description="dSFT optimizer steps (none = train.max_steps)")
+    sft_temperature: float = Field(0.0, ge=0.0, description="teacher answers: 0 = greedy")
+    max_new_tokens: int = Field(64, ge=1, description="longest teacher answer / candidate")
+    candidates: int = Field(4, ge=2, description="student samples per prompt for AI feedback")
+    candidate_temperature: float = Field(1.0, gt=0.0)
+    other_models: list[str] = Field(default_factory=list, description="more models (folders/hub ids) adding one candidate each")
+    scorer: Literal["judge", "loglik"] = Field("judge", description="how the teacher rates candidates (see rating)")
+    rejected: Literal["random", "worst"] = Field("random", description="rejected = a random lower-rated candidate, or the worst")
+    min_margin: float = Field(0.0, ge=0.0, description="skip prompts whose best and rejected scores differ by no more than this")
+    feedback_prompts: Optional[int] = Field(None, ge=1, description="training prompts used for AI feedback; none = all")
+    win_rate_prompts: int = Field(32, ge=1, description="held-out prompts for the final-vs-dSFT win rate")
+
+
 class Config(Section):
     output_dir: str
     method: str = "logit"
@@ -152,6 +242,12 @@ class Config(Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    on_policy: OnPolicyConfig = Field(default_factory=OnPolicyConfig)
+    on_policy_filter: OnPolicyFilterConfig = Field(default_factory=OnPolicyFilterConfig)
+    self_distill: SelfDistillConfig = Field(default_factory=SelfDistillConfig)
+    zephyr: ZephyrConfig = Field(default_factory=ZephyrConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    rating: RatingConfig = Field(default_factory=RatingConfig)
 
     @field_validator("method")
     @classmethod
@@ -159,6 +255,18 @@ class Config(Section):
         if v not in METHODS:
             raise ValueError(f"unknown method {v!r}; expected one of {', '.join(METHODS)}")
         return v
+
+    @model_validator(mode="after")
+    def _method_defaults(self) -> "Config":
+        # GKD's defaults for on_policy: jsd (beta 0.5) and no hard-label term, unless set in loss:.
+        if self.method == "on_policy":
+            if "divergence" not in self.loss.model_fields_set:
+                self.loss.divergence = "jsd"
+            if "alpha" not in self.loss.model_fields_set:
+                self.loss.alpha = 1.0
+        if self.method == "dpo" and self.dpo.pairs is None:
+            raise ValueError("method dpo: set dpo.pairs (a JSONL of prompt, chosen, rejected)")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +318,7 @@ def _allowed_keys(model_cls: type[BaseModel], loc: tuple) -> list[str]:
                 break
         else:
             return []
-    return list(getattr(cls, "model_fields", {}).keys())
+    return [f.alias or name for name, f in getattr(cls, "model_fields", {}).items()]
 
 
 def format_validation_error(err: ValidationError, source: str, schema: type[BaseModel] = Config) -> str:

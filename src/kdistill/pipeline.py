@@ -276,19 +276,27 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
                          lambda: model_metrics(m.student, m, cfg, eval_renderer, eval_rows, eval_feats, True, device))
 
     say(f"training ({cfg.method}, {cfg.loss.divergence}, T={cfg.loss.temperature}, alpha={cfg.loss.alpha}) on {len(feats)} rows")
-    wrapper = StudentLM(m.student)
-    result = train(wrapper, method, feats, lambda b: collate(b, m.tokenizer.pad_token_id), cfg.train, out,
-                   accelerator=acc, progress=progress)
-    student = acc.unwrap_model(wrapper).model
+    from kdistill.stages import StageRunner
+
+    runner = StageRunner(cfg, m.tokenizer, m.teacher, m.vocab_size, device, eval_rows, eval_feats, progress, say)
+    staged = method.fit(m.student, runner)  # multi-pass methods (rounds, stages); None = one trainer pass
+    if staged is not None:
+        student, training = staged
+        training = {**training, "truncated_rows": truncated}
+    else:
+        wrapper = StudentLM(m.student)
+        result = train(wrapper, method, feats, lambda b: collate(b, m.tokenizer.pad_token_id), cfg.train, out,
+                       accelerator=acc, progress=progress)
+        student = acc.unwrap_model(wrapper).model
+        training = {
+            "steps": result.steps, "seconds": round(result.seconds, 1), "train_rows": len(feats),
+            "items": result.tokens, "resumed_from": result.resumed_from, "stopped_early": result.stopped_early,
+            "truncated_rows": truncated,
+        }
     m.student = student
 
     final_ev = model_metrics(student, m, cfg, eval_renderer, eval_rows, eval_feats, True, device)
     speed = _speed(m, eval_renderer, eval_rows, cfg, device) if acc.is_main_process else {}
-    training = {
-        "steps": result.steps, "seconds": round(result.seconds, 1), "train_rows": len(feats),
-        "items": result.tokens, "resumed_from": result.resumed_from, "stopped_early": result.stopped_early,
-        "truncated_rows": truncated,
-    }
     rep = build_report(cfg, m, teacher_ev, initial_ev, final_ev, eval_rows, speed, training, method.summary())
     if acc.is_main_process:
         sdir = out / "student"

@@ -77,3 +77,12 @@ class Method:
     def summary(self) -> dict:
         """Method-specific figures for the report."""
         return {}
+
+    def fit(self, student: nn.Module, runner) -> Optional[tuple[nn.Module, dict]]:
+        """Multi-pass hook: train ``student`` in several trainer passes (rounds, stages).
+
+        ``runner`` is a :class:`kdistill.stages.StageRunner` (``runner.train(...)`` runs the shared
+        trainer on any features and output folder). Return ``(trained student, training summary)``;
+        the default ``None`` means one ordinary pass of the trainer with this method.
+        """
+        return None

@@ -1,0 +1,252 @@
+"""Sample, score, select: the pieces shared by the on-policy, self- and preference methods.
+
+* :func:`sample_completions` — batched generation (left padding, KV cache) that returns the
+  completion *token ids*, cut after the first end-of-sequence token (EOS kept, what follows dropped).
+* :func:`completion_feature` — prompt ids + completion ids -> a training row with the prompt masked.
+* :func:`loglik_scores` — mean log-likelihood of each completion under a model (teacher or self).
+* :func:`judge_scores` — a model as judge: a rating prompt, scored from the model's next-token
+  probabilities of the rating tokens "1".."scale" (the expected rating, in [1, scale]). No text is
+  generated, so the score is deterministic and never fails to parse.
+* :class:`JsonlStore` — append-only JSONL keyed by id: a rerun after a crash continues where it
+  stopped and never redoes a finished item.
+* stage bookkeeping (:func:`stage_done`, :func:`mark_done`, :func:`save_model`, :func:`load_saved`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from kdistill.data import IGNORE_INDEX, Example, collate, collate_prompts
+from kdistill.losses import sequence_logprobs
+
+DEFAULT_JUDGE_TEMPLATE = (
+    "Question: {prompt}\n\nAnswer: {answer}\n\n"
+    "How good is this answer to the question? Rate it from 1 (bad) to {scale} (excellent). "
+    "Reply with one number."
+)
+
+
+def hf_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a (DDP-wrapped) :class:`~kdistill.methods.base.StudentLM`."""
+    m = getattr(model, "module", model)
+    inner = getattr(m, "model", None)
+    return inner if inner is not None and hasattr(inner, "generate") and not hasattr(m, "generate") else m
+
+
+def eos_ids(model: nn.Module, tokenizer) -> list[int]:
+    """Every token that ends an answer: the tokenizer's EOS and the model's generation EOS(s)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    g = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(g, int):
+        ids.add(g)
+    elif isinstance(g, (list, tuple)):
+        ids.update(int(x) for x in g)
+    return sorted(ids)
+
+
+def cut_at_eos(tokens: Sequence[int], eos: Iterable[int]) -> list[int]:
+    """Tokens up to and including the first EOS; everything after it (padding, junk) is dropped."""
+    eos = set(eos)
+    out = []
+    for t in tokens:
+        out.append(int(t))
+        if t in eos:
+            break
+    return out
+
+
+@torch.no_grad()
+def sample_completions(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    num_samples: int = 1,
+    device=None,
+) -> list[list[int]]:
+    """Completion ids for each prompt (``num_samples`` consecutive entries per prompt).
+
+    ``temperature`` 0 is greedy; otherwise plain ancestral sampling from ``softmax(logits / T)``
+    (top-k/top-p off, so the samples follow the model's own distribution). Each completion ends
+    with its EOS when the model produced one within ``max_new_tokens``.
+    """
+    hf = hf_model(model)
+    device = device or next(hf.parameters()).device
+    was_training = hf.training
+    hf.eval()
+    pad = tokenizer.pad_token_id
+    eos = eos_ids(hf, tokenizer)
+    out: list[list[int]] = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
+            b = collate_prompts(chunk, pad)
+            kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+                          num_return_sequences=num_samples)
+            if temperature > 0:
+                kwargs.update(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)
+            else:
+                kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+            gen = hf.generate(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), **kwargs)
+            for row in gen[:, b["input_ids"].shape[1]:].tolist():
+                out.append(cut_at_eos(row, eos))
+    finally:
+        hf.train(was_training)
+    return out
+
+
+def completion_feature(prompt_ids: Sequence[int], completion: Sequence[int], row_id=None, max_length: Optional[int] = None) -> dict:
+    """A training row: ``input_ids`` = prompt + completion, ``labels`` -100 on the prompt."""
+    ids = list(prompt_ids) + list(completion)
+    labels = [IGNORE_INDEX] * len(prompt_ids) + list(completion)
+    if max_length is not None:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "labels": labels, "id": row_id}
+
+
+@torch.no_grad()
+def loglik_scores(model: nn.Module, features: list[dict], pad_id: int, vocab_size: int, batch_size: int = 8,
+                  device=None) -> list[float]:
+    """Mean log-likelihood per completion token of each row under ``model`` (float32)."""
+    hf = hf_model(model)
+    device = device or next(hf.parameters()).device
+    scores: list[float] = []
+    for i in range(0, len(features), batch_size):
+        b = collate(features[i : i + batch_size], pad_id)
+        labels = b["labels"].to(device)
+        logits = hf(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                    use_cache=False).logits[..., :vocab_size]
+        sums = sequence_logprobs(logits, labels)
+        counts = (labels != IGNORE_INDEX).sum(-1).clamp(min=1)
+        scores += (sums / counts).tolist()
+    return scores
+
+
+def rating_token_ids(tokenizer, scale: int) -> list[int]:
+    ids = []
+    for r in range(1, scale + 1):
+        enc = tokenizer(str(r), add_special_tokens=False)["input_ids"]
+        if len(enc) != 1:
+            raise ValueError(f"judge: the rating {r!r} is not a single token for this tokenizer; use scorer: loglik")
+        ids.append(enc[0])
+    return ids
+
+
+@torch.no_grad()
+def judge_scores(model: nn.Module, tokenizer, renderer, prompts: list[str], answers: list[str], template: str,
+                 scale: int = 5, batch_size: int = 8, device=None) -> list[float]:
+    """The expected rating ``Σ_r r·p(r)`` the judge gives each answer, in [1, ``scale``].
+
+    The judge prompt (``template`` with ``{prompt}``, ``{answer}``, ``{scale}``) is rendered as a user
+    turn with the chat template and a generation prompt; ``p(r)`` is the judge's next-token
+    probability of the rating token r, renormalized over the ratings 1..scale.
+    """
+    hf = hf_model(model)
+    device = device or next(hf.parameters()).device
+    rating = torch.tensor(rating_token_ids(tokenizer, scale), device=device)
+    values = torch.arange(1, scale + 1, dtype=torch.float32, device=device)
+    rows = []
+    for p, a in zip(prompts, answers):
+        text = template.format(prompt=p, answer=a, scale=scale)
+        rows.append(renderer.prompt_ids(Example(id="", messages=[{"role": "user", "content": text}], response=None)))
+    out: list[float] = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        b = collate([{"input_ids": r, "labels": r} for r in chunk], tokenizer.pad_token_id)  # right padding
+        logits = hf(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                    use_cache=False).logits
+        last = torch.tensor([len(r) - 1 for r in chunk], device=device)
+        lp = torch.log_softmax(logits[torch.arange(len(chunk), device=device), last].float()[:, rating], dim=-1)
+        out += (lp.exp() * values).sum(-1).tolist()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# append-only storage and stage bookkeeping
+
+
+class JsonlStore:
+    """An append-only JSONL file of rows keyed by ``key`` (default ``id``).
+
+    A line cut off by a crash is dropped on open; rows are flushed and fsynced per batch, so a
+    rerun continues with the items not yet written and never repeats one.
+    """
+
+    def __init__(self, path: Path, key: str = "id"):
+        self.path = Path(path)
+        self.key = key
+        self.rows: dict = {}
+        if self.path.is_file():
+            good = []
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a torn last line: everything after it is rewritten
+                self.rows[row[key]] = row
+                good.append(line)
+            self.path.write_text("".join(g + "\n" for g in good), encoding="utf-8")
+
+    def __contains__(self, k) -> bool:
+        return k in self.rows
+
+    def append(self, rows: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as fh:
+            for r in rows:
+                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+                self.rows[r[self.key]] = r
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def fill(self, items: list, key_of: Callable, make: Callable[[list], list[dict]], batch_size: int) -> list[dict]:
+        """Run ``make`` on the items not stored yet, ``batch_size`` at a time; all rows in item order."""
+        todo = [it for it in items if key_of(it) not in self.rows]
+        for i in range(0, len(todo), batch_size):
+            self.append(make(todo[i : i + batch_size]))
+        return [self.rows[key_of(it)] for it in items]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write a whole file atomically (tmp + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+def stage_done(stage_dir: Path) -> Optional[dict]:
+    """The summary a finished stage left in ``done.json``, or None."""
+    p = Path(stage_dir) / "done.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def mark_done(stage_dir: Path, summary: dict) -> None:
+    p = Path(stage_dir) / "done.json"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name("done.json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(p)
+
+
+def save_model(model: nn.Module, folder: Path) -> None:
+    hf_model(model).save_pretrained(str(folder))
+
+
+def load_saved(like: nn.Module, folder: Path) -> nn.Module:
+    """A model saved by :func:`save_model`, same class, dtype and device as ``like``."""
+    p = next(like.parameters())
+    model = type(like).from_pretrained(str(folder), dtype=p.dtype)
+    return model.to(p.device).eval()

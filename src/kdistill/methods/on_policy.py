@@ -1,0 +1,130 @@
+"""On-policy distillation: generalized KD (GKD, Agarwal et al. 2024).
+
+Per micro-batch, with probability ``on_policy.lambda`` the completions are *sampled from the
+student* for the batch's prompts (batched generation with a KV cache, temperature
+``on_policy.temperature``); otherwise the batch keeps the dataset's responses, or, with
+``on_policy.seq_kd: true``, the teacher's own samples. The teacher is run on whatever sequences
+the batch ends up with, and the student is trained to match its next-token distributions with
+``loss.divergence`` (default here: ``jsd``, β = ``loss.beta`` = 0.5) at ``loss.temperature`` —
+exactly the ``logit`` method's loss, on other sequences.
+
+A sampled batch is rebuilt row by row as ``prompt ids + completion ids``: the prompt is masked
+(-100), every completion token is trained, the completion ends at the first EOS (which is trained:
+the student learns when to stop) and whatever the generator produced after it is dropped. The
+hard-label (cross-entropy) term, if ``loss.alpha < 1``, is not applied to student samples (it would
+reinforce the student's own guesses); it stays on dataset and teacher-sampled batches.
+
+The draw uses the global torch RNG, which the trainer's checkpoints save and restore. With
+``lambda: 0`` (and ``seq_kd: false``) no draw is made and the method is ``logit`` batch for batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kdistill.data import collate
+from kdistill.feedback import completion_feature, eos_ids, hf_model, sample_completions
+from kdistill.methods import register
+from kdistill.methods.base import RunContext
+from kdistill.methods.logit import LogitMethod
+
+
+class OnPolicyMethod(LogitMethod):
+    name = "on_policy"
+
+    def __init__(self, ctx: RunContext):
+        super().__init__(ctx)
+        oc = ctx.cfg.on_policy
+        self.lam = float(oc.lambda_)
+        self.seq_kd = bool(oc.seq_kd)
+        self.temperature = float(oc.temperature)
+        self.max_new_tokens = int(oc.max_new_tokens)
+        self.max_length = ctx.cfg.data.max_length
+        if getattr(ctx.teacher, "model", None) is None and (self.lam > 0 or self.seq_kd):
+            raise ValueError("on_policy needs a live teacher model (the teacher must score new sequences)")
+        if ctx.renderer is None:
+            raise ValueError("on_policy needs the run's renderer (prompt ids)")
+        self.prompts = {e.id: ctx.renderer.prompt_ids(e) for e in ctx.train_examples}
+        self.counts = {"batches": 0, "student": 0, "teacher": 0, "dataset": 0}
+        self.sampled = {"completions": 0, "tokens": 0, "ended_with_eos": 0}
+
+    # -- batches ------------------------------------------------------------------------------
+
+    def _draw(self) -> bool:
+        if self.lam <= 0.0:
+            return False
+        if self.lam >= 1.0:
+            return True
+        return bool(torch.rand(()) < self.lam)
+
+    def sampled_batch(self, batch: dict, generator, source: str) -> dict:
+        """The batch's prompts with completions sampled from ``generator`` (a causal LM)."""
+        row_ids = batch["ids"]
+        missing = [i for i in row_ids if i not in self.prompts]
+        if missing:
+            raise KeyError(f"on_policy: batch rows {missing[:3]} are not training rows (no prompt known)")
+        prompts = [self.prompts[i] for i in row_ids]
+        tok = self.ctx.tokenizer
+        room = max(1, min(self.max_new_tokens, self.max_length - max(len(p) for p in prompts)))
+        comps = sample_completions(generator, tok, prompts, room, self.temperature, batch_size=len(prompts))
+        eos = set(eos_ids(hf_model(generator), tok))
+        feats = [completion_feature(p, c, i, self.max_length) for p, c, i in zip(prompts, comps, row_ids)]
+        self.sampled["completions"] += len(comps)
+        self.sampled["tokens"] += sum(len(c) for c in comps)
+        self.sampled["ended_with_eos"] += sum(bool(c) and c[-1] in eos for c in comps)
+        new = collate(feats, tok.pad_token_id)
+        device = batch["input_ids"].device
+        out = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in new.items()}
+        out["source"] = source
+        return out
+
+    def prepare_batch(self, batch: dict, model) -> dict:
+        self.counts["batches"] += 1
+        if self._draw():
+            self.counts["student"] += 1
+            return self.sampled_batch(batch, model, "student")
+        if self.seq_kd:
+            self.counts["teacher"] += 1
+            return self.sampled_batch(batch, self.ctx.teacher.model, "teacher")
+        self.counts["dataset"] += 1
+        return batch
+
+    # -- loss ---------------------------------------------------------------------------------
+
+    def loss(self, model, batch, num_items):
+        on_policy = batch.get("source") == "student"
+        if on_policy and self.kwargs["hard_label_weight"] > 0:
+            saved = self.kwargs
+            self.kwargs = {**saved, "hard_label_weight": 0.0}
+            try:
+                loss, info = super().loss(model, batch, num_items)
+            finally:
+                self.kwargs = saved
+        else:
+            loss, info = super().loss(model, batch, num_items)
+        if self.lam > 0:
+            info = {**info, "on_policy": 1.0 if on_policy else 0.0}
+        return loss, info
+
+    def summary(self) -> dict:
+        c, s = self.counts, self.sampled
+        n = max(1, c["batches"])
+        return {
+            "lambda": self.lam,
+            "seq_kd": self.seq_kd,
+            "sampling_temperature": self.temperature,
+            "batches": c["batches"],
+            "on_policy_batches": c["student"],
+            "on_policy_fraction": round(c["student"] / n, 4),
+            "teacher_sampled_batches": c["teacher"],
+            "dataset_batches": c["dataset"],
+            "sampled_completions": s["completions"],
+            "mean_completion_tokens": round(s["tokens"] / s["completions"], 2) if s["completions"] else None,
+            "completions_ending_with_eos": round(s["ended_with_eos"] / s["completions"], 4) if s["completions"] else None,
+            "note": "counts cover the micro-batches of this process since the run (or its resume) started",
+        }
+
+
+@register("on_policy")
+def _build(ctx: RunContext) -> OnPolicyMethod:
+    return OnPolicyMethod(ctx)

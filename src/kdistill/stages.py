@@ -1,0 +1,70 @@
+"""The hook for methods that train in several passes (rounds, stages).
+
+A single-pass method just gives the trainer its batches and loss. A multi-pass method
+(``on_policy_filter``, ``self_distill``, ``zephyr``) overrides :meth:`Method.fit
+<kdistill.methods.base.Method.fit>` and gets a :class:`StageRunner` from the pipeline: it runs the
+shared trainer on any features, method and output folder (each pass in its own folder, so each
+resumes from its own ``checkpoints/``), and evaluates a model on the held-out rows. The pipeline
+then evaluates the returned student and writes the usual report, with the method's own figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from torch import nn
+
+
+@dataclass
+class StageRunner:
+    cfg: Any  # kdistill.config.Config
+    tokenizer: Any
+    teacher_model: nn.Module
+    vocab_size: int
+    device: Any
+    eval_rows: list = field(default_factory=list)
+    eval_feats: list = field(default_factory=list)
+    progress: bool = True
+    say: Callable[[str], None] = print
+
+    def train(self, student: nn.Module, method, features: list[dict], output_dir: Path,
+              collate_fn: Optional[Callable] = None, tcfg=None):
+        """One trainer pass on ``features``; returns ``(trained HF model, TrainResult)``.
+
+        ``tcfg`` (default: the config's ``train`` section) may be a modified copy, e.g. with
+        other ``max_steps``. A fresh accelerator per pass keeps each pass's checkpoints its own.
+        """
+        from accelerate import Accelerator
+
+        from kdistill.data import collate
+        from kdistill.methods.base import StudentLM
+        from kdistill.trainer import train
+
+        tcfg = tcfg or self.cfg.train
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        acc = Accelerator(mixed_precision=tcfg.mixed_precision)
+        wrapper = StudentLM(student)
+        pad = self.tokenizer.pad_token_id
+        result = train(wrapper, method, features, collate_fn or (lambda b: collate(b, pad)), tcfg, Path(output_dir),
+                       accelerator=acc, progress=self.progress)
+        return acc.unwrap_model(wrapper).model, result
+
+    def evaluate(self, model: nn.Module) -> dict:
+        """Held-out perplexity, KL to the teacher and top-1 agreement (no generation)."""
+        from kdistill.evaluate import logit_metrics
+
+        if not self.eval_feats:
+            return {}
+        m = logit_metrics(model, self.eval_feats, self.tokenizer.pad_token_id, self.vocab_size,
+                          teacher=self.teacher_model, batch_size=self.cfg.eval.batch_size, device=self.device)
+        return {k: round(v, 6) for k, v in m.items()}
+
+
+def train_config(tcfg, **changes):
+    """A copy of the ``train`` section with some keys changed (None values are ignored)."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if "max_steps" in changes:
+        changes.setdefault("epochs", None)
+    return tcfg.model_copy(update=changes)
