@@ -1,6 +1,7 @@
 """dpo_loss / sequence_logprobs by hand, and DPO training raising the chosen-over-rejected margin."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -71,3 +72,29 @@ def test_dpo_training_raises_the_margin(tiny, tmp_path):
     again, s2 = dpo_stage(ctx, runner, copy.deepcopy(reference), reference, pairs, tmp_path / "dpo", 0.5, 0.0, cfg.train)
     assert s2 == summary
     assert torch.equal(again.lm_head.weight, trained.lm_head.weight)
+
+
+def test_method_dpo_on_a_pairs_file(tiny, tmp_path):
+    from conftest import write_jsonl
+    from kdistill.pipeline import run
+
+    rows = [json.loads(l) for l in (tiny / "train.jsonl").read_text().splitlines()][:16]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"id": r["id"], "prompt": r["prompt"], "chosen": r["response"],
+                                                     "rejected": "zulu zulu zulu"} for r in rows])
+    cfg = base_config(tiny, tmp_path / "run", method="dpo", dpo={"pairs": str(pairs), "beta": 0.5},
+                      train={"max_steps": 4, "learning_rate": 5e-3})
+    cfg["eval"] = {**cfg["eval"], "generate": False, "speed_prompts": 0}
+    cfg["data"] = {**cfg["data"], "max_eval_rows": 4}
+    rep = run(load_config(base=cfg), progress=False)
+    s = rep["method_summary"]
+    assert s["pairs"] == 16 and s["steps"] == 4
+    assert s["after"]["logp_margin"] > s["before"]["logp_margin"] and s["after"]["reward_accuracy"] > 0.5
+    assert (tmp_path / "run" / "dpo" / "done.json").is_file() and "retention" in rep
+
+
+@pytest.mark.parametrize("name", ["on_policy", "on_policy_filter", "self_distill", "zephyr", "dpo"])
+def test_example_configs_are_valid(name):
+    from pathlib import Path
+
+    cfg = load_config(str(Path(__file__).parent.parent / "examples" / f"{name}.yaml"))
+    assert cfg.method == name

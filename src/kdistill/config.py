@@ -221,6 +221,9 @@ class ZephyrConfig(Section):
     3. dDPO against the frozen dSFT student (see ``dpo``). Each stage resumes; a finished one is skipped."""
 
     sft_max_steps: Optional[int] = Field(None, ge=1, description="dSFT optimizer steps (none = train.max_steps)")
+    sft_data: Optional[str] = Field(
+        None, description="teacher answers already written (e.g. by `kdistill generate` with an API teacher); none = the local teacher answers"
+    )
     sft_temperature: float = Field(0.0, ge=0.0, description="teacher answers: 0 = greedy")
     max_new_tokens: int = Field(64, ge=1, description="longest teacher answer / candidate")
     candidates: int = Field(4, ge=2, description="student samples per prompt for AI feedback")

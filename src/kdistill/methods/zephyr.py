@@ -3,9 +3,11 @@
 Stages, each in its own folder under ``output_dir/zephyr/`` and each resumable:
 
 1. ``1-sft/`` — **dSFT**: the teacher answers every training prompt (``teacher.jsonl``, append-only,
-   keyed by row id; greedy unless ``zephyr.sft_temperature`` > 0) and the student is trained with
-   cross-entropy on those answers (sequence-level KD, Kim & Rush 2016) through the shared trainer
-   (``checkpoints/``, ``metrics.jsonl``; ``zephyr.sft_max_steps`` steps).
+   keyed by row id; greedy unless ``zephyr.sft_temperature`` > 0) — or ``zephyr.sft_data`` holds
+   answers written elsewhere (``kdistill generate``, e.g. with an API teacher) — and the student is
+   trained with cross-entropy on those answers (sequence-level KD, Kim & Rush 2016: the loss of
+   ``method: sequence``) through the shared trainer (``checkpoints/``, ``metrics.jsonl``;
+   ``zephyr.sft_max_steps`` steps).
 2. ``2-feedback/`` — **AI feedback**: for each prompt, ``zephyr.candidates`` answers sampled from the
    dSFT student plus one greedy answer from each of ``zephyr.other_models``; the teacher rates every
    candidate (``zephyr.scorer``: ``judge`` = its expected rating on a judge prompt, computed from its
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from kdistill.data import Example, Renderer
+from kdistill.data import Example, Renderer, encode_examples, load_examples
 from kdistill.evaluate import generate
 from kdistill.feedback import (
     JsonlStore,
@@ -85,7 +87,8 @@ class Zephyr(Method):
         tok, renderer, max_len = ctx.tokenizer, ctx.renderer, ctx.cfg.data.max_length
         eos = set(eos_ids(self.teacher, tok))
         torch.manual_seed(ctx.cfg.train.seed)
-        runner.say(f"zephyr 1/3 dSFT: the teacher answers {len(ctx.train_examples)} prompts")
+        if zc.sft_data is None:
+            runner.say(f"zephyr 1/3 dSFT: the teacher answers {len(ctx.train_examples)} prompts")
 
         def answer(examples):
             prompts = [renderer.prompt_ids(e) for e in examples]
@@ -97,8 +100,14 @@ class Zephyr(Method):
                      "teacher": ctx.cfg.teacher.model, "temperature": zc.sft_temperature,
                      "prompt_ids": p, "completion_ids": c} for e, p, c in zip(examples, prompts, comps)]
 
-        rows = JsonlStore(sdir / "teacher.jsonl").fill(ctx.train_examples, lambda e: e.id, answer, ctx.cfg.eval.batch_size)
-        feats = [completion_feature(r["prompt_ids"], r["completion_ids"], r["id"], max_len) for r in rows]
+        if zc.sft_data is not None:  # answers written elsewhere (kdistill generate, an API teacher)
+            given = load_examples(zc.sft_data)
+            rows = [{"id": e.id, "finish_reason": e.extra.get("finish_reason", "stop")} for e in given]
+            feats, _ = encode_examples(renderer, given)
+        else:
+            rows = JsonlStore(sdir / "teacher.jsonl").fill(ctx.train_examples, lambda e: e.id, answer,
+                                                           ctx.cfg.eval.batch_size)
+            feats = [completion_feature(r["prompt_ids"], r["completion_ids"], r["id"], max_len) for r in rows]
         runner.say(f"zephyr 1/3 dSFT: training on {len(feats)} teacher answers")
         student, result = runner.train(student, Method(ctx), feats, sdir,
                                        tcfg=train_config(ctx.cfg.train, max_steps=zc.sft_max_steps))
