@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
 
     with_config("run", "train a student as the config says (method: logit, ...) and write student/ + report")
     with_config("eval", "compare an existing teacher and student on held-out data (report only, no training)")
+    with_config("generate", "the teacher (API or local model) answers prompts -> JSONL (append-only, resumable)")
     demo = sub.add_parser("demo", help="distill the bundled SmolLM2-135M-Instruct teacher on this machine (~10 min on 2 CPU cores)",
                           description="The embedded default: a real teacher, a student cut from it, a task, a report.")
     demo.add_argument("--output-dir", default="runs/demo", help="where the run goes (default: runs/demo)")
@@ -77,6 +78,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         from kdistill.config import load_config
 
         cfg = load_config(args.config, args.overrides)
+        if args.command == "generate":
+            from kdistill.generate import generate
+
+            summary = generate(cfg, say=_say, progress=not args.no_progress)
+            return 0 if summary["complete"] else 1
         if args.command == "run":
             from kdistill.pipeline import run
 

@@ -101,8 +101,12 @@ def generate(
     temperature: float = 1.0,
     min_new_tokens: int = 0,
     device=None,
+    finish_reasons: Optional[list] = None,
 ) -> list[str]:
-    """Batched generation (left padding, KV cache); returns the decoded new text of each prompt."""
+    """Batched generation (left padding, KV cache); returns the decoded new text of each prompt.
+
+    ``finish_reasons``: a list to append each row's ``"stop"`` (ended with EOS) or ``"length"`` to.
+    """
     device = device or next(model.parameters()).device
     pad = tokenizer.pad_token_id
     outs: list[str] = []
@@ -118,6 +122,11 @@ def generate(
         gen = model.generate(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), **kwargs)
         new = gen[:, b["input_ids"].shape[1] :]
         outs += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+        if finish_reasons is not None:
+            eos = getattr(model.generation_config, "eos_token_id", None)
+            eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {tokenizer.eos_token_id}
+            eos.discard(None)
+            finish_reasons += ["stop" if any(int(t) in eos for t in row) else "length" for row in new]
     return outs
 
 

@@ -227,6 +227,10 @@ def _speed(m: Models, renderer: Renderer, eval_rows: list[Example], cfg: Config,
 
 def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = True) -> dict:
     """``kdistill run``: train a student and write everything into ``cfg.output_dir``."""
+    if cfg.method == "sequence":  # text-only teacher signal: API, other tokenizer, or none (issue 4)
+        from kdistill.sequence_pipeline import run_sequence
+
+        return run_sequence(cfg, say, progress)
     from accelerate import Accelerator
 
     from kdistill.methods import RunContext, build_method
@@ -309,6 +313,10 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
 
 def evaluate_only(cfg: Config, say: Callable[[str], None] = log.info) -> dict:
     """``kdistill eval``: the same report for existing teacher and student, without training."""
+    if cfg.method == "sequence":
+        from kdistill.sequence_pipeline import run_sequence
+
+        return run_sequence(cfg, say, progress=False, train=False)
     out = Path(cfg.output_dir)
     check_paths(cfg, need_train=False)
     train_rows, eval_rows = load_data(cfg, require_train=False)

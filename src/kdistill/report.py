@@ -47,8 +47,8 @@ def write_markdown(report: dict, path: Path) -> None:
         lines += [f"**{head}**", ""]
     lines += [
         f"- teacher: `{t['name']}` ({_fmt(t['params'])} parameters)",
-        f"- student: `{s['name']}` ({_fmt(s['params'])} parameters, "
-        f"{s['params'] / t['params']:.0%} of the teacher)",
+        f"- student: `{s['name']}` ({_fmt(s['params'])} parameters"
+        + (f", {s['params'] / t['params']:.0%} of the teacher)" if t.get("params") else ")"),
     ]
     tr = report.get("training")
     if tr:
@@ -62,6 +62,10 @@ def write_markdown(report: dict, path: Path) -> None:
     for row in metrics_table(report):
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Retention = student / teacher, oriented so 1.0 means parity (see `kdistill.evaluate`).", ""]
+    for k, why in (report.get("unavailable") or {}).items():  # e.g. an API teacher has no token probabilities
+        lines.append(f"- {k}: not measured ({why})")
+    if report.get("unavailable"):
+        lines.append("")
     sp = report.get("speed") or {}
     if sp.get("teacher") and sp.get("student"):
         lines += ["## Cost", "", "| | tokens/s (generation) | peak memory (MB) |", "|---|---|---|"]
@@ -143,7 +147,8 @@ def model_card(report: dict, cfg_dump: str) -> str:
             f"Distilled with [kdistill](https://pypi.org/project/kdistill/) from `{t['name']}` "
             f"(method: `{report.get('method')}`).",
             "",
-            f"- parameters: {s['params']:,} ({s['params'] / t['params']:.0%} of the teacher's {t['params']:,})",
+            f"- parameters: {s['params']:,}" + (f" ({s['params'] / t['params']:.0%} of the teacher's {t['params']:,})"
+                                                if t.get("params") else ""),
             *( [f"- kept teacher layers: {layers}"] if layers else [] ),
             f"- training data: {tr.get('train_rows', '?')} rows, {tr.get('steps', '?')} optimizer steps",
             f"- held-out retention (student/teacher, 1.0 = parity): {ret or 'n/a'}",

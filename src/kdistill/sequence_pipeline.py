@@ -1,0 +1,373 @@
+"""``kdistill run`` / ``kdistill eval`` for ``method: sequence`` (sequence-level / black-box KD).
+
+Sequence-level KD needs only the teacher's *text*, so this path differs from the logit pipeline
+where the teacher is concerned (it may be an API, a local model with another tokenizer, or
+absent) and shares everything else (data rows, rendering/masking, the method registry, the
+trainer, checkpoints, the report):
+
+1. teacher text: with a ``generate:`` section, the teacher (``teacher.api``, else the local
+   ``teacher.model``) answers the prompts first (``kdistill.generate``: resumable, append-only);
+   otherwise ``data.train`` already holds teacher-written rows (e.g. from ``kdistill generate``);
+2. held-out rows: ``data.eval``, else a deterministic split of the teacher-written rows;
+3. filters (``filters:``) on the training rows, each counted in the report;
+4. the student: ``student.model`` (any tokenizer; ``check_vocab`` is not called) or cut from a
+   local ``teacher.model`` (``student.init``);
+5. the trainer with :class:`~kdistill.methods.sequence.SequenceMethod`;
+6. the retention report with what can be measured: every metric of the teacher that cannot be
+   (perplexity or KL of an API teacher, KL across tokenizers, ...) is listed under
+   ``unavailable`` with the reason, instead of failing the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from kdistill.config import Config, check_paths, dump_config
+from kdistill.data import Example, Renderer, collate, encode_examples, load_examples, split_examples
+from kdistill.errors import ConfigError, DataError
+from kdistill.evaluate import logit_metrics, matches, measure_speed, retention, task_accuracy
+from kdistill.models import (
+    count_params,
+    cut_student,
+    load_model,
+    num_layers,
+    output_vocab_size,
+    select_layers,
+    tokenizer_fingerprint,
+)
+
+log = logging.getLogger("kdistill")
+
+
+def _renderer(cfg: Config, tok) -> Renderer:
+    return Renderer(tok, cfg.data.max_length, cfg.data.system_prompt, cfg.data.chat_template)
+
+
+def _load_teacher(cfg: Config, say) -> Optional[tuple]:
+    if cfg.teacher.model is None:
+        return None
+    t0 = time.time()
+    model, tok = load_model(cfg.teacher.model, "teacher.model", cfg.teacher.dtype, cfg.teacher.revision,
+                            cfg.teacher.trust_remote_code)
+    say(f"teacher {cfg.teacher.model}: {count_params(model):,} parameters ({time.time() - t0:.1f} s)")
+    return model, tok
+
+
+def _load_student(cfg: Config, local: Optional[tuple], train_rows: list[Example], out: Path, say):
+    """``(student, tokenizer, name, kept_layers)``."""
+    sc = cfg.student
+    if sc.model is not None:
+        model, tok = load_model(sc.model, "student.model", sc.dtype, sc.revision, sc.trust_remote_code)
+        return model, tok, sc.model, None
+    if local is None:
+        raise ConfigError("student.init: cutting a student needs a local teacher.model; with an API-only teacher "
+                          "give student.model")
+    teacher, tok = local
+    init = sc.init
+    n_total = num_layers(teacher)
+    saved = out / "student_layers.json"
+    if saved.is_file():
+        layers = json.loads(saved.read_text())["layers"]
+    else:
+        scores = None
+        if init.layer_selection == "importance":
+            from kdistill.models import layer_importance
+
+            r = _renderer(cfg, tok)
+            feats = [r.encode(e) for e in train_rows[: init.importance_samples]]
+            if not feats:
+                raise ConfigError("student.init.layer_selection: importance needs training rows to score layers")
+            scores = layer_importance(teacher, [collate(feats[i : i + 8], tok.pad_token_id) for i in range(0, len(feats), 8)])
+        n_keep = init.num_layers if init.num_layers is not None else max(1, n_total // 2)
+        layers = select_layers(n_total, n_keep, init.layer_selection, scores)
+        saved.write_text(json.dumps({"layers": layers, "importance": scores}))
+    student = cut_student(teacher, layers)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    if sc.dtype not in ("auto", "float32"):
+        student.to(getattr(torch, sc.dtype))
+    say(f"student cut from the teacher: {len(layers)} of {n_total} layers {layers}")
+    return student, tok, f"{cfg.teacher.model} [layers {','.join(map(str, layers))}]", layers
+
+
+def _rows(cfg: Config, train_path: Optional[str], require_train: bool) -> tuple[list[Example], list[Example]]:
+    train: list[Example] = []
+    if train_path is not None:
+        train = load_examples(train_path)
+    elif require_train:
+        raise ConfigError("data.train: required key is missing (teacher-written rows, e.g. from `kdistill generate`, "
+                          "or add a generate: section)")
+    if cfg.data.eval is not None:
+        held = load_examples(cfg.data.eval)
+    elif train:
+        train, held = split_examples(train, cfg.data.eval_fraction, cfg.train.seed)
+    else:
+        raise ConfigError("data.eval: required key is missing (or give data.train to hold out a split)")
+    return train, held[: cfg.data.max_eval_rows]
+
+
+def _api_accuracy(cfg: Config, rows: list[Example], out: Path) -> tuple[Optional[dict], list[str]]:
+    """The API teacher's greedy answers to held-out rows with a reference (answers cached on disk)."""
+    from kdistill.teachers.api import ApiTeacher, Job
+
+    rows = [e for e in rows if e.reference is not None]
+    if not rows or not cfg.eval.generate:
+        return None, []
+    path = out / "eval_teacher_answers.jsonl"
+    have: dict[str, str] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                r = json.loads(line)
+                have[r["id"]] = r["answer"]
+            except (ValueError, KeyError, TypeError):
+                continue
+    todo = [e for e in rows if e.id not in have]
+    if todo:
+        api = ApiTeacher(cfg.teacher.api)
+        msgs = [([{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else []) + e.messages
+                for e in todo]
+        jobs = [Job(e.id, m, 0.0, cfg.eval.max_new_tokens) for e, m in zip(todo, msgs)]
+        with path.open("a", encoding="utf-8") as fh:
+            def keep(job, c):
+                if c.ok:
+                    have[job.key] = c.text
+                    fh.write(json.dumps({"id": job.key, "answer": c.text}) + "\n")
+                    fh.flush()
+            api.run(jobs, keep)
+    answered = [e for e in rows if e.id in have]
+    outputs = [have.get(e.id, "") for e in rows]
+    if not answered:
+        return None, outputs
+    hits = sum(matches(have[e.id], e.reference, cfg.eval.match) for e in answered)
+    return {"accuracy": hits / len(answered), "answered": len(answered), "asked": len(rows)}, outputs
+
+
+def _metrics(model, tok, cfg, rows, feats, teacher=None, vocab=None, device=None, gen_rows=None) -> dict:
+    vocab = vocab or min(output_vocab_size(model), len(tok))
+    m = logit_metrics(model, feats, tok.pad_token_id, vocab, teacher=teacher, batch_size=cfg.eval.batch_size,
+                      device=device)
+    outputs: list[str] = []
+    if cfg.eval.generate:
+        acc, outputs = task_accuracy(model, tok, _renderer(cfg, tok), gen_rows if gen_rows is not None else rows,
+                                     cfg.eval.max_new_tokens, cfg.eval.batch_size, cfg.eval.match)
+        if acc is not None:
+            m["accuracy"] = acc
+    return {"metrics": {k: round(v, 6) for k, v in m.items()}, "outputs": outputs}
+
+
+def _cached(path: Path, fn: Callable[[], dict]) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = fn()
+    path.write_text(json.dumps(value))
+    return value
+
+
+def run_sequence(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = True, train: bool = True) -> dict:
+    """Sequence-level KD end to end (``train=False``: ``kdistill eval``, the report only)."""
+    from accelerate import Accelerator
+
+    from kdistill.filters import apply_filters, make_judge
+    from kdistill.methods import RunContext, build_method
+    from kdistill.methods.base import StudentLM
+    from kdistill.methods.sequence import with_prefix
+    from kdistill.report import model_card
+    from kdistill.teachers.api import ApiError
+
+    out = Path(cfg.output_dir)
+    if cfg.student is None:
+        raise ConfigError("student: required key is missing (student.model, or student.init to cut one from a local teacher)")
+    if cfg.student.init is not None and cfg.teacher.model is None:
+        raise ConfigError("student.init: cutting a student needs a local teacher.model; with an API-only teacher "
+                          "give student.model")
+    if cfg.generate is not None and cfg.teacher.api is None and cfg.teacher.model is None:
+        raise ConfigError("teacher: a generate: section needs teacher.api or teacher.model to write the answers")
+    check_paths(cfg, need_train=False)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    device = acc.device
+    local = _load_teacher(cfg, say)
+
+    # 1. teacher text
+    gen_summary = None
+    train_path = cfg.data.train
+    if cfg.generate is not None and train:
+        from kdistill.generate import generate
+
+        gen_summary = generate(cfg, say, progress, local=local if cfg.teacher.api is None else None)
+        train_path = gen_summary["output"]
+    train_rows, eval_rows = _rows(cfg, train_path, require_train=train)
+
+    # 2. filters
+    filter_report = None
+    if train:
+        judge = make_judge(cfg, local) if cfg.filters.judge is not None else None
+        n0 = len(train_rows)
+        train_rows, filter_report = apply_filters(train_rows, cfg.filters, judge, out / "judge_scores.jsonl", say)
+        dropped = {k: v for k, v in filter_report["dropped"].items() if v}
+        say(f"filters: kept {len(train_rows)} of {n0} teacher-written rows"
+            + (f" (dropped {', '.join(f'{k} {v}' for k, v in dropped.items())})" if dropped else ""))
+        if not train_rows:
+            raise DataError(f"filters: no training row is left (dropped: {filter_report['dropped']})")
+
+    # 3. student
+    student, s_tok, student_name, layers = _load_student(cfg, local, train_rows, out, say)
+    if cfg.student.freeze_embeddings:
+        student.get_input_embeddings().weight.requires_grad_(False)
+    student.to(device)
+    t_model, t_tok = local if local is not None else (None, None)
+    same_vocab = t_tok is not None and tokenizer_fingerprint(t_tok) == tokenizer_fingerprint(s_tok)
+    if t_model is not None:
+        t_model.to(device)
+    renderer = _renderer(cfg, s_tok)
+    ctx = RunContext(cfg=cfg, tokenizer=s_tok, teacher=None, vocab_size=min(output_vocab_size(student), len(s_tok)),
+                     output_dir=out, device=device, renderer=renderer, train_examples=train_rows)
+    method = build_method("sequence", ctx)
+    feats = method.train_features() if train else []
+    if train and renderer.truncated:
+        say(f"data: {renderer.truncated} training views truncated to data.max_length={cfg.data.max_length}")
+
+    # 4. held-out evaluation: what can be measured
+    eval_feats, _ = encode_examples(_renderer(cfg, s_tok), eval_rows)
+    s_gen_rows = eval_rows
+    if getattr(method, "multitask", False):
+        s_gen_rows = [with_prefix(e, cfg.sequence.answer_prefix, e.response) for e in eval_rows]
+    vocab = min(output_vocab_size(student), output_vocab_size(t_model), len(s_tok)) if same_vocab else None
+    unavailable: dict[str, str] = {}
+    say(f"evaluating on {len(eval_rows)} held-out rows")
+    if t_model is not None:
+        if same_vocab:
+            t_ev = _cached(out / "eval_teacher.json", lambda: _metrics(t_model, t_tok, cfg, eval_rows, eval_feats,
+                                                                       vocab=vocab, device=device))
+            t_ev["metrics"].update(kl_to_teacher=0.0, top1_agreement=1.0)
+        else:
+            t_feats, _ = encode_examples(_renderer(cfg, t_tok), eval_rows)
+            t_ev = _cached(out / "eval_teacher.json", lambda: _metrics(t_model, t_tok, cfg, eval_rows, t_feats, device=device))
+            unavailable["kl_to_teacher"] = unavailable["top1_agreement"] = \
+                "teacher and student tokenizers differ (no token-level comparison)"
+    elif cfg.teacher.api is not None:
+        try:
+            api_m, api_out = _api_accuracy(cfg, eval_rows, out)
+        except ApiError as exc:
+            say(f"the API teacher could not be evaluated: {exc}")
+            api_m, api_out = None, []
+            unavailable["accuracy"] = f"the API teacher could not be evaluated ({exc})"
+        t_ev = {"metrics": {}, "outputs": api_out}
+        if api_m is not None:
+            t_ev["metrics"]["accuracy"] = round(api_m["accuracy"], 6)
+            t_ev["answered"] = api_m["answered"]
+        elif "accuracy" not in unavailable:
+            unavailable["accuracy"] = "no held-out row has a 'reference' (or eval.generate is off)"
+        for k in ("perplexity", "kl_to_teacher", "top1_agreement"):
+            unavailable[k] = "the teacher is an API (text only: no token probabilities)"
+    else:
+        t_ev = {"metrics": {}, "outputs": []}
+        for k in ("accuracy", "perplexity", "kl_to_teacher", "top1_agreement"):
+            unavailable[k] = "no teacher is available at train time (teacher-written data only)"
+    cmp_teacher = t_model if same_vocab else None
+
+    def student_eval(model):
+        return _metrics(model, s_tok, cfg, s_gen_rows, eval_feats, teacher=cmp_teacher, vocab=vocab, device=device,
+                        gen_rows=s_gen_rows)
+
+    initial_ev = None
+    training = None
+    if train:
+        initial_ev = _cached(out / "eval_student_initial.json", lambda: student_eval(student))
+        from kdistill.trainer import train as train_loop
+
+        say(f"training (sequence-level KD, cross-entropy on teacher text) on {len(feats)} views of {len(train_rows)} rows")
+        wrapper = StudentLM(student)
+        result = train_loop(wrapper, method, feats, lambda b: collate(b, s_tok.pad_token_id), cfg.train, out,
+                            accelerator=acc, progress=progress)
+        student = acc.unwrap_model(wrapper).model
+        training = {"steps": result.steps, "seconds": round(result.seconds, 1), "train_rows": len(feats),
+                    "items": result.tokens, "resumed_from": result.resumed_from, "stopped_early": result.stopped_early,
+                    "truncated_rows": renderer.truncated}
+    final_ev = student_eval(student)
+
+    # 5. report
+    speed: dict = {}
+    if cfg.eval.speed_prompts and eval_rows and acc.is_main_process:
+        r = _renderer(cfg, s_tok)
+        speed["student"] = measure_speed(student, s_tok, [r.prompt_ids(e) for e in eval_rows[: cfg.eval.speed_prompts]],
+                                         cfg.eval.speed_new_tokens, device)
+        if t_model is not None:
+            rt = _renderer(cfg, t_tok)
+            speed["teacher"] = measure_speed(t_model, t_tok, [rt.prompt_ids(e) for e in eval_rows[: cfg.eval.speed_prompts]],
+                                             cfg.eval.speed_new_tokens, device)
+    teacher_display = cfg.teacher.model or (f"api:{cfg.teacher.api.model} @ {cfg.teacher.api.base_url}"
+                                            if cfg.teacher.api else "(teacher-written data)")
+    ret = retention(final_ev["metrics"], t_ev["metrics"])
+    for k in list(unavailable):
+        ret[k] = None
+    rep: dict[str, Any] = {
+        "method": "sequence",
+        "teacher": {"name": teacher_display, "params": count_params(t_model) if t_model is not None else None,
+                    "metrics": t_ev["metrics"], "kind": "local" if t_model is not None else ("api" if cfg.teacher.api else "none")},
+        "student": {"name": student_name, "params": count_params(student), "metrics": final_ev["metrics"],
+                    "teacher_layers": layers},
+        "eval_rows": len(eval_rows),
+    }
+    if initial_ev is not None:
+        rep["student_initial"] = {"params": rep["student"]["params"], "metrics": initial_ev["metrics"]}
+    rep["retention"] = ret
+    rep["unavailable"] = unavailable
+    rep["speed"] = speed
+    if training:
+        rep["training"] = training
+    summary = method.summary() if train else {}
+    if filter_report is not None:
+        summary["filters"] = filter_report
+        rep["filters"] = filter_report
+    if gen_summary is not None:
+        summary["generation"] = {k: v for k, v in gen_summary.items() if k != "teacher"}
+        rep["generation"] = gen_summary
+    if unavailable:
+        summary["unavailable"] = unavailable
+    rep["method_summary"] = summary
+    with_ref = [i for i, e in enumerate(eval_rows) if e.reference is not None]
+    samples = []
+    for n, i in enumerate(with_ref[: cfg.eval.show_samples]):
+        e = eval_rows[i]
+        smp = {"id": e.id, "prompt": e.prompt, "reference": e.reference}
+        for key, ev in (("teacher", t_ev), ("student_initial", initial_ev), ("student", final_ev)):
+            if ev is not None and n < len(ev.get("outputs", [])):
+                smp[key] = ev["outputs"][n]
+        samples.append(smp)
+    rep["samples"] = samples
+    rep["headline"] = _headline(rep)
+    if acc.is_main_process:
+        from kdistill.pipeline import write_report
+
+        if train:
+            sdir = out / "student"
+            student.save_pretrained(str(sdir))
+            s_tok.save_pretrained(str(sdir))
+            (sdir / "README.md").write_text(model_card(rep, dump_config(cfg)))
+        write_report(rep, cfg, out)
+    return rep
+
+
+def _headline(rep: dict) -> str:
+    s, t, ret = rep["student"], rep["teacher"], rep["retention"]
+    share = f" with {s['params'] / t['params']:.0%} of its parameters" if t.get("params") else ""
+    if ret.get("accuracy") is not None:
+        return (f"The student keeps {ret['accuracy']:.0%} of the teacher's held-out accuracy "
+                f"({s['metrics']['accuracy']:.1%} vs {t['metrics']['accuracy']:.1%}){share}.")
+    if ret.get("perplexity") is not None:
+        return f"Perplexity retention {ret['perplexity']:.2f} (teacher/student){share}."
+    if "accuracy" in s["metrics"]:
+        return f"The student answers {s['metrics']['accuracy']:.1%} of the held-out rows correctly (teacher: not measured)."
+    return ""

@@ -1,0 +1,136 @@
+"""A real HTTP server on 127.0.0.1 that answers like an OpenAI chat-completions endpoint.
+
+It can be told to fail: ``server.plan[prompt] = ["429", "500", "ok"]`` makes the successive
+requests for that user prompt fail in that order (modes: ok, 429, 500, 503, timeout, malformed,
+empty, nochoices, length, 400). A wrong key gives 401, an unknown model 404, as real servers do.
+It records every request and the largest number of requests in flight at once.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Optional
+
+
+class FakeOpenAI:
+    def __init__(self, model: str = "teacher-x", key: Optional[str] = None, delay: float = 0.0):
+        self.model = model
+        self.key = key
+        self.delay = delay
+        self.retry_after = "1"
+        self.timeout_sleep = 1.5
+        self.plan: dict[str, list[str]] = {}
+        self.responder: Callable[[list[dict]], str] = lambda msgs: "echo: " + msgs[-1]["content"]
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.httpd: Optional[ThreadingHTTPServer] = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> "FakeOpenAI":
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):  # quiet
+                pass
+
+            def _send(self, code: int, body, headers: Optional[dict] = None):
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    for k, v in (headers or {}).items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def do_GET(self):
+                self._send(200, {"data": [{"id": server.model}]}) if self.path.endswith("/models") else self._send(404, {})
+
+            def do_POST(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(n)
+                with server.lock:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    self._handle(raw)
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+            def _handle(self, raw: bytes):
+                if not self.path.endswith("/v1/chat/completions"):
+                    return self._send(404, {"error": {"message": f"no route {self.path}"}})
+                if server.key is not None and self.headers.get("Authorization") != f"Bearer {server.key}":
+                    return self._send(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
+                body = json.loads(raw)
+                if body.get("model") != server.model:
+                    return self._send(404, {"error": {"message": f"The model `{body.get('model')}` does not exist"}})
+                msgs = body["messages"]
+                prompt = [m for m in msgs if m["role"] == "user"][-1]["content"]
+                system = next((m["content"] for m in msgs if m["role"] == "system"), None)
+                with server.lock:
+                    modes = server.plan.get(prompt)
+                    mode = modes.pop(0) if modes else "ok"
+                    server.requests.append({"prompt": prompt, "system": system, "mode": mode, "t": time.time(),
+                                            "body": body})
+                if server.delay:
+                    time.sleep(server.delay)
+                if mode in ("429",):
+                    return self._send(429, {"error": {"message": "rate limited"}}, {"Retry-After": server.retry_after})
+                if mode in ("500", "503"):
+                    return self._send(int(mode), {"error": {"message": "server error"}})
+                if mode == "400":
+                    return self._send(400, {"error": {"message": "prompt too long"}})
+                if mode == "timeout":
+                    time.sleep(server.timeout_sleep)
+                if mode == "malformed":
+                    return self._send(200, b'{"choices": [{"message": ')
+                if mode == "nochoices":
+                    return self._send(200, {"choices": []})
+                content = "" if mode == "empty" else server.responder(msgs)
+                finish = "length" if mode == "length" else "stop"
+                self._send(200, {
+                    "id": "chatcmpl-1", "object": "chat.completion", "model": server.model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                })
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return self
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def stop(self) -> None:
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+
+    def prompts_requested(self) -> list[str]:
+        with self.lock:
+            return [r["prompt"] for r in self.requests]
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound then released)."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
