@@ -20,13 +20,29 @@ from kdistill.errors import ConfigError
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 LAYER_SELECTIONS = ("uniform", "first", "last", "first_last", "importance")
-METHODS = ("logit", "on_policy", "on_policy_filter", "self_distill", "zephyr", "dpo")
+METHODS = ("logit", "sequence", "on_policy", "on_policy_filter", "self_distill", "zephyr", "dpo")
 
 
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherApiConfig(Section):
+    """A teacher behind an OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, SGLang, llama.cpp, Ollama)."""
+
+    base_url: str = Field(..., description="e.g. http://127.0.0.1:8000/v1 (the part before /chat/completions)")
+    model: str = Field(..., description="model name the endpoint serves")
+    api_key_env: Optional[str] = Field(
+        None, description="environment variable holding the API key (never logged or written); none = no key"
+    )
+    max_concurrency: int = Field(8, ge=1, description="requests in flight at once")
+    timeout: float = Field(60.0, gt=0, description="seconds per request")
+    max_retries: int = Field(6, ge=0, description="retries per request on 429, 5xx, connection errors, timeouts, bad answers")
+    backoff_base: float = Field(1.0, gt=0, description="first retry delay in seconds (doubles each retry, with jitter)")
+    backoff_max: float = Field(60.0, gt=0, description="longest delay between retries (Retry-After is honoured above it)")
+    extra_body: dict[str, Any] = Field(default_factory=dict, description="extra request fields, e.g. {top_p: 0.9, seed: 0}")
 
 
 class TeacherConfig(Section):
@@ -38,6 +54,12 @@ class TeacherConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     revision: Optional[str] = None
     trust_remote_code: bool = False
+    api: Optional[TeacherApiConfig] = Field(
+        None, description="a teacher behind an HTTP API; with teacher.model too, text comes from the API"
+    )
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="how a local teacher.model generates text (vllm: optional extra, GPU)"
+    )
 
 
 class StudentInit(Section):
@@ -236,6 +258,72 @@ class ZephyrConfig(Section):
     win_rate_prompts: int = Field(32, ge=1, description="held-out prompts for the final-vs-dSFT win rate")
 
 
+class GenerateConfig(Section):
+    """``kdistill generate``: the teacher answers prompts -> an append-only, resumable JSONL."""
+
+    prompts: Optional[str] = Field(None, description="JSONL of {id?, prompt} or {id?, messages}; in `run`: default data.train")
+    output: Optional[str] = Field(None, description="output JSONL (default: OUTPUT_DIR/teacher.jsonl)")
+    samples_per_prompt: int = Field(1, ge=1)
+    temperature: float = Field(0.7, ge=0.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(512, ge=1)
+    style: Literal["plain", "explain", "rationale"] = Field(
+        "plain", description="explain: Orca-style step-by-step system message; rationale: rationale + final answer, stored apart"
+    )
+    system_prompt: Optional[str] = Field(None, description="replaces the style's system message")
+    batch_size: int = Field(8, ge=1, description="prompts per batch for a local teacher")
+    seed: int = 0
+
+
+class JudgeConfig(Section):
+    """LLM-as-judge filter: the teacher rates each (prompt, response); rows below threshold are dropped."""
+
+    threshold: float = Field(7.0, description="keep rows scored at or above this (scale 1-10)")
+    prompt: Optional[str] = Field(None, description="judge prompt with {prompt} and {response}; must ask for 'Score: N'")
+    max_new_tokens: int = Field(32, ge=1)
+
+
+class FiltersConfig(Section):
+    """Filters applied to teacher-written rows before sequence-level training (each counted in the report)."""
+
+    enabled: bool = True
+    empty: bool = Field(True, description="drop empty responses")
+    truncated: bool = Field(True, description="drop responses cut off by max tokens (finish_reason: length)")
+    duplicate: bool = Field(True, description="drop repeated (prompt, response) pairs")
+    min_chars: Optional[int] = Field(None, ge=0)
+    max_chars: Optional[int] = Field(None, ge=1)
+    refusal: bool = Field(True, description="drop responses matching refusal_patterns")
+    refusal_patterns: Optional[list[str]] = Field(None, description="regexes (case-insensitive); none = built-in list")
+    format_regex: Optional[str] = Field(None, description="keep only responses matching this regex (re.search)")
+    format_json: bool = Field(False, description="keep only responses that parse as JSON")
+    reference: Optional[Literal["contains", "exact"]] = Field(
+        None, description="drop rows whose answer disagrees with the row's 'reference' (rows without one are kept)"
+    )
+    judge: Optional[JudgeConfig] = None
+
+    @field_validator("format_regex")
+    @classmethod
+    def _check_regex(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            import re
+
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"not a valid regex ({exc})") from None
+        return v
+
+
+class SequenceConfig(Section):
+    """``method: sequence`` (cross-entropy on teacher-written responses)."""
+
+    rationale_weight: float = Field(
+        1.0, ge=0.0, description="lambda in loss = answer + lambda * rationale, for rows with rationale/answer fields"
+    )
+    answer_prefix: str = Field("[answer] ", description="task prefix of the answer view of a rationale row")
+    rationale_prefix: str = Field("[rationale] ", description="task prefix of the rationale view")
+
+
 class Config(Section):
     output_dir: str
     method: str = "logit"
@@ -245,6 +333,9 @@ class Config(Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    generate: Optional[GenerateConfig] = None
+    filters: FiltersConfig = Field(default_factory=FiltersConfig)
+    sequence: SequenceConfig = Field(default_factory=SequenceConfig)
     on_policy: OnPolicyConfig = Field(default_factory=OnPolicyConfig)
     on_policy_filter: OnPolicyFilterConfig = Field(default_factory=OnPolicyFilterConfig)
     self_distill: SelfDistillConfig = Field(default_factory=SelfDistillConfig)

@@ -34,6 +34,7 @@ def build_method(name: str, ctx: RunContext) -> Method:
 
 def _load_builtin() -> None:
     from kdistill.methods import logit  # noqa: F401
+    from kdistill.methods import sequence  # noqa: F401  (issue 4)
     from kdistill.methods import dpo, on_policy, rounds, zephyr  # noqa: F401  (issue 6)
 
 
