@@ -18,7 +18,7 @@ import yaml
 
 from kdistill.demo.task import make_rows, split_names
 
-DEMO_ROWS = {"train": 640, "eval": 200}
+DEMO_ROWS = {"train": 400, "eval": 200}
 
 
 def demo_config_dict(output_dir: str) -> dict:

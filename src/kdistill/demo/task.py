@@ -51,7 +51,7 @@ TEMPLATES = [
     "The letter from {name} arrived on Monday.",
 ]
 
-QUESTION = "What is the first name of the person in this sentence? Answer with the first name only.\nSentence: {sentence}"
+QUESTION = "Extract the first name from this sentence: {sentence}"
 
 
 def split_names(seed: int = 0, held_out: float = 0.3) -> tuple[list[str], list[str]]:

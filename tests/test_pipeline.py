@@ -1,0 +1,156 @@
+"""End to end on tiny models: training lowers held-out KL, resume, saved student, kdistill eval."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from conftest import base_config
+from kdistill.cli import main
+from kdistill.config import load_config
+from kdistill.pipeline import run
+
+
+def _metrics(out):
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_lowers_kl_and_writes_everything(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = base_config(tiny, out, train={"max_steps": 12})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(tmp_path / "c.yaml"), "--no-progress"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["student"]["metrics"]["kl_to_teacher"] < 0.9 * rep["student_initial"]["metrics"]["kl_to_teacher"]
+    assert rep["student"]["metrics"]["top1_agreement"] > rep["student_initial"]["metrics"]["top1_agreement"]
+    for key in ("teacher", "student_initial", "student"):
+        assert rep[key]["params"] > 0
+        assert {"perplexity", "kl_to_teacher", "top1_agreement", "accuracy"} <= set(rep[key]["metrics"])
+    assert set(rep["retention"]) >= {"perplexity", "kl_to_teacher", "top1_agreement"}
+    assert rep["speed"]["teacher"]["tokens_per_s"] > 0 and rep["speed"]["student"]["peak_memory_mb"] > 0
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert all({"step", "loss", "learning_rate"} <= set(r) for r in rows)
+    for f in ("student/model.safetensors", "student/config.json", "student/tokenizer.json", "student/README.md",
+              "config.yaml", "report.md", "loss.png", "metrics.png"):
+        assert (out / f).exists(), f
+    card = (out / "student" / "README.md").read_text()
+    assert "teacher" in card and "logit" in card and "12 optimizer steps" in card
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["train"]["max_steps"] == 12 and resolved["loss"]["temperature"] == 1.0
+    assert "retention" in (out / "report.md").read_text().lower()
+
+
+def test_saved_student_reloads_with_transformers(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "run"
+    cfg = load_config(base=base_config(tiny, out, train={"max_steps": 2}, eval={"generate": False, "speed_prompts": 0}))
+    run(cfg, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(out / "student")
+    tok = AutoTokenizer.from_pretrained(out / "student")
+    assert model.config.num_hidden_layers == 2
+    assert model.config.kdistill_teacher_layers == [0, 1]
+    ids = tok("alpha beta", return_tensors="pt")["input_ids"]
+    assert model(ids).logits.shape[-1] == len(tok)
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def test_resume_after_crash_matches_uninterrupted(tiny, tmp_path, monkeypatch):
+    """Crash at step 5 (checkpoint at 3), rerun: continues at step 4 and ends where a clean run ends."""
+    from kdistill.methods import logit
+
+    quiet = {"generate": False, "speed_prompts": 0}
+    clean = tmp_path / "clean"
+    run(load_config(base=base_config(tiny, clean, train={"max_steps": 6, "save_every": 3}, eval=quiet)), progress=False)
+
+    crashed = tmp_path / "crashed"
+    cfg = load_config(base=base_config(tiny, crashed, train={"max_steps": 6, "save_every": 3}, eval=quiet))
+    real = logit.LogitMethod.loss
+    calls = {"n": 0}
+
+    def flaky(self, model, batch, num_items):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise Boom("simulated crash")
+        return real(self, model, batch, num_items)
+
+    monkeypatch.setattr(logit.LogitMethod, "loss", flaky)
+    with pytest.raises(Boom):
+        run(cfg, progress=False)
+    assert [r["step"] for r in _metrics(crashed)] == [1, 2, 3, 4]
+    monkeypatch.setattr(logit.LogitMethod, "loss", real)
+    rep = run(cfg, progress=False)
+    assert rep["training"]["resumed_from"] == 3
+    a, b = _metrics(clean), _metrics(crashed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4, abs=1e-6)
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(clean / "student" / "model.safetensors"), load_file(crashed / "student" / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_accumulation_matches_big_batch(tiny, tmp_path):
+    """batch 8 x 1 step == batch 4 x 2 accumulation (loss normalised by the global token count)."""
+    quiet = {"generate": False, "speed_prompts": 0}
+    a = tmp_path / "a"
+    b = tmp_path / "b"
+    run(load_config(base=base_config(tiny, a, train={"max_steps": 1, "batch_size": 8, "max_grad_norm": None}, eval=quiet)), progress=False)
+
+    from kdistill import trainer as tr
+
+    orig = tr._epoch_batches.__wrapped__
+
+    def halves(n_rows, batch_size, seed, epoch):  # same rows as one batch of 8, split into 4 + 4
+        return [h for b8 in orig(n_rows, 8, seed, epoch) for h in (b8[:4], b8[4:])]
+
+    tr._epoch_batches.cache_clear()
+    old = tr._epoch_batches
+    tr._epoch_batches = halves
+    try:
+        run(load_config(base=base_config(tiny, b, train={"max_steps": 1, "batch_size": 4, "gradient_accumulation_steps": 2,
+                                                          "max_grad_norm": None}, eval=quiet)), progress=False)
+    finally:
+        tr._epoch_batches = old
+    la, lb = _metrics(a)[0]["loss"], _metrics(b)[0]["loss"]
+    assert lb == pytest.approx(la, rel=1e-5)
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "student" / "model.safetensors"), load_file(b / "student" / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+
+
+def test_importance_selection_recorded(tiny, tmp_path):
+    out = tmp_path / "imp"
+    base = base_config(tiny, out, train={"max_steps": 1}, eval={"generate": False, "speed_prompts": 0})
+    base["student"]["init"] = {"from_teacher": True, "num_layers": 2, "layer_selection": "importance", "importance_samples": 8}
+    rep = run(load_config(base=base), progress=False)
+    chosen = json.loads((out / "student_layers.json").read_text())
+    scores = chosen["importance"]
+    assert len(scores) == 4 and all(s >= 0 for s in scores)
+    expected = sorted(sorted(range(4), key=lambda i: -scores[i])[:2])
+    assert chosen["layers"] == expected == rep["student"]["teacher_layers"]
+    cfg = json.loads((out / "student" / "config.json").read_text())
+    assert cfg["kdistill_teacher_layers"] == expected
+    assert str(expected) in (out / "student" / "README.md").read_text()
+
+
+def test_eval_command_reports_without_training(tiny, tmp_path, capsys):
+    out = tmp_path / "ev"
+    cfg = base_config(tiny, out)
+    cfg["student"] = {"model": str(tiny / "student")}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["eval", str(tmp_path / "c.yaml"), "--no-progress"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["teacher"]["metrics"]["kl_to_teacher"] == 0.0
+    assert rep["student"]["metrics"]["kl_to_teacher"] > 0
+    assert "student_initial" not in rep and not (out / "checkpoints").exists()
+    assert (out / "report.md").exists() and (out / "metrics.png").exists()
