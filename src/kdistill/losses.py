@@ -1,7 +1,7 @@
 """Distillation losses: divergences as pure functions, a plain path and a chunked fused path.
 
 Notation: P = teacher, Q = student, both ``softmax(logits / T)``. Every divergence returns the
-per-token value summed over the vocabulary; the losses multiply by T² (Hinton et al. 2015) and
+per-token value summed over the vocabulary; the losses multiply it by T² (Hinton et al. 2015) and
 average over the tokens whose label is not -100.
 
 * ``forward_kl``       KL(P‖Q)
@@ -12,20 +12,39 @@ average over the tokens whose label is not -100.
 * ``skew_reverse_kl``  KL(Q‖(1−α)P + αQ)
 * ``tvd``              ½·Σ|P − Q|
 
-Labels are *aligned with the logits*: ``labels[i]`` is the token that ``logits[i]`` predicts
-(already shifted for causal LMs), -100 where the position is ignored.
+With ``hard_label_weight`` w the per-token loss is ``(1 − w)·T²·D(P_T‖Q_T) + w·CE(Q_1, label)``
+(cross-entropy at temperature 1).
 
-All math is float32 whatever the input dtype. ``num_items`` replaces the local count of unmasked
-tokens by a global one (gradient accumulation, data parallelism): the loss is then a sum over
-local tokens divided by ``num_items``.
+Labels are *aligned with the logits*: ``labels[i]`` is the token that ``logits[i]`` predicts
+(already shifted for causal LMs), -100 where the position is ignored. The loss is the sum of the
+per-token losses divided by ``num_items`` (the global count of unmasked tokens, for gradient
+accumulation and data parallelism; it defaults to the local count); 0, with zero gradients, when
+no token is kept.
+
+All math is float32 whatever the input dtype. ``-inf`` log-probabilities (a masked vocabulary,
+in the teacher or the student) are replaced by ``-1e4``, whose ``exp`` is exactly 0 in float32:
+``0·log 0`` terms are then 0, and a token the student rules out but the teacher does not costs a
+large finite amount instead of ``inf``. Finite values are never clamped, so extreme logits
+(±1e4) keep their exact value and gradient.
 
 Top-k teachers (an offline cache keeps only the teacher's k most likely tokens per position) are
 given as ``TopK(indices, logprobs)``. The tail is kept explicitly as one extra "rest" bucket: both
 distributions are coarse-grained onto the k cached tokens plus one bucket holding all other tokens
-(teacher: ``1 − Σ top-k``; student: its own mass outside those k tokens). The divergence between
+(teacher: ``1 − Σ top-k``; student: its exact mass outside those k tokens). The divergence between
 the coarse-grained distributions is exact, and for KL it is a lower bound of the full-vocabulary
-value (data-processing inequality). With a temperature T ≠ 1 the cached log-probs are divided by T
-and the rest bucket's log-mass is divided by T like a single token's, then renormalized.
+value (data-processing inequality). The teacher's buckets are renormalized; with a temperature
+T ≠ 1 the cached log-probs are divided by T and the rest bucket's log-mass is divided by T like a
+single token's. When k equals the vocabulary size there is no rest bucket and the value is exactly
+the full-vocabulary one.
+
+The fused path (:func:`fused_distill_loss`) never builds the ``[tokens, vocab]`` logits: it walks
+the unmasked tokens in chunks, projects one chunk of student and teacher hidden states onto the
+vocabulary, and computes that chunk's loss *and* its gradient with respect to the student logits
+in closed form (no autograd graph), which it immediately folds into the gradients of the hidden
+states and the output weight. Each divergence supplies ``g = ∂D/∂log Q`` next to its value; the
+softmax Jacobian turns it into ``∂D/∂z = g − Q·Σg`` (z = logits / T). The plain path
+(:func:`distill_loss`) differentiates the same formulas with autograd and is the reference the
+tests hold the fused path to.
 """
 
 from __future__ import annotations
@@ -40,8 +59,7 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 
-# Log-probs are clamped here so that 0·log0 terms stay 0 (and their gradients finite) when a
-# distribution has -inf entries (masked vocabulary). exp(_LOG_FLOOR) == 0 in float32.
+# -inf log-probs (masked vocabulary) become this; exp(_LOG_FLOOR) == 0 in float32.
 _LOG_FLOOR = -1.0e4
 
 
@@ -63,7 +81,7 @@ class LossSpec:
     def __post_init__(self):
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"unknown divergence {self.divergence!r}; expected one of {', '.join(DIVERGENCES)}")
-        if self.temperature <= 0:
+        if not self.temperature > 0:
             raise ValueError("temperature must be > 0")
         for name in ("beta", "skew", "hard_label_weight"):
             v = getattr(self, name)
@@ -72,45 +90,69 @@ class LossSpec:
 
 
 # ---------------------------------------------------------------------------------------------
-# divergences on log-probabilities: [N, V] float32 -> [N]
+# divergences on log-probabilities: [N, V] float32 -> [N] (and the gradient w.r.t. log Q)
 
 
-def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """KL(A‖B) per row, from log-probs ``[N, V]``. Rows where A is 0 contribute 0."""
-    log_a = log_a.clamp(min=_LOG_FLOOR)
-    log_b = log_b.clamp(min=_LOG_FLOOR)
-    return (log_a.exp() * (log_a - log_b)).sum(-1)
+def _finite(logp: torch.Tensor) -> torch.Tensor:
+    """Replace -inf (masked vocabulary) by ``_LOG_FLOOR``; finite values are left exactly as they are."""
+    return torch.where(torch.isneginf(logp), _LOG_FLOOR, logp)
 
 
 def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
-    """log(w·A + (1−w)·B) from log-probs, stable for w in [0, 1]."""
-    if w <= 0.0:
-        return log_b
-    if w >= 1.0:
-        return log_a
-    return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
+    """log(w·A + (1−w)·B) from finite log-probs, for w in [0, 1].
+
+    At w = 0 or 1 one side gets weight log 0 = -inf: the value is exactly the other side, and both
+    stay in the autograd graph (a loss that is identically 0 can still be backpropagated).
+    """
+    log_w = math.log(w) if w > 0.0 else -math.inf
+    log_1mw = math.log1p(-w) if w < 1.0 else -math.inf
+    return torch.logaddexp(log_a + log_w, log_b + log_1mw)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(-1)
+
+
+# In-place updates below only touch tensors built for the gradient (``grad=True`` runs without
+# autograd), never one that autograd saved for the plain path.
+def _divergence(kind: str, lt: torch.Tensor, ls: torch.Tensor, beta: float, skew: float, grad: bool = False):
+    """``(D [N], g [N, V] or None)`` for finite teacher/student log-probs ``lt``, ``ls`` ``[N, V]``.
+
+    ``g = ∂D/∂ls`` up to a multiple of Q per row (which the softmax Jacobian cancels).
+    """
+    if kind == "jsd" and beta in (0.0, 1.0):  # TRL's endpoints
+        kind = "forward_kl" if beta == 0.0 else "reverse_kl"
+    if kind == "forward_kl":  # Σ p·(lt − ls);  g = −p
+        p = lt.exp()
+        return _dot(p, lt - ls), (p.neg_() if grad else None)
+    if kind == "reverse_kl":  # Σ q·(ls − lt);  g = q·(ls − lt)  (+q)
+        r = (ls - lt) * ls.exp()
+        return r.sum(-1), (r if grad else None)
+    if kind == "jsd":  # g = (1−β)·q·(ls − lm)  (+ const·q)
+        lm = _log_mix(lt, ls, beta)
+        r = (ls - lm) * ls.exp()
+        return beta * _dot(lt.exp(), lt - lm) + (1.0 - beta) * r.sum(-1), (r.mul_(1.0 - beta) if grad else None)
+    if kind == "skew_forward_kl":  # m = αp + (1−α)q;  g = −(1−α)·p·q/m
+        lm = _log_mix(lt, ls, skew)
+        return _dot(lt.exp(), lt - lm), (torch.exp(lt + ls - lm).mul_(skew - 1.0) if grad else None)
+    if kind == "skew_reverse_kl":  # m = (1−α)p + αq;  g = q·(ls − lm) − α·q²/m  (+q)
+        lm = _log_mix(ls, lt, skew)
+        r = (ls - lm) * ls.exp()
+        return r.sum(-1), (r.sub_(torch.exp(2.0 * ls - lm).mul_(skew)) if grad else None)
+    if kind == "tvd":  # ½·Σ|q − p|;  g = ½·q·sign(q − p)
+        q = ls.exp()
+        diff = q - lt.exp()
+        return 0.5 * diff.abs().sum(-1), (diff.sign_().mul_(q).mul_(0.5) if grad else None)
+    raise ValueError(f"unknown divergence {kind!r}; expected one of {', '.join(DIVERGENCES)}")
 
 
 def divergence(t_logp: torch.Tensor, s_logp: torch.Tensor, kind: str, beta: float = 0.5, skew: float = 0.1) -> torch.Tensor:
-    """Per-row divergence between teacher P and student Q given as log-probs ``[N, V]`` -> ``[N]``."""
-    if kind == "forward_kl":
-        return _kl(t_logp, s_logp)
-    if kind == "reverse_kl":
-        return _kl(s_logp, t_logp)
-    if kind == "jsd":
-        if beta <= 0.0:
-            return _kl(t_logp, s_logp)
-        if beta >= 1.0:
-            return _kl(s_logp, t_logp)
-        log_m = _log_mix(t_logp, s_logp, beta)
-        return beta * _kl(t_logp, log_m) + (1.0 - beta) * _kl(s_logp, log_m)
-    if kind == "skew_forward_kl":
-        return _kl(t_logp, _log_mix(t_logp, s_logp, skew))
-    if kind == "skew_reverse_kl":
-        return _kl(s_logp, _log_mix(s_logp, t_logp, skew))
-    if kind == "tvd":
-        return 0.5 * (t_logp.clamp(min=_LOG_FLOOR).exp() - s_logp.clamp(min=_LOG_FLOOR).exp()).abs().sum(-1)
-    raise ValueError(f"unknown divergence {kind!r}; expected one of {', '.join(DIVERGENCES)}")
+    """Per-row divergence between teacher P and student Q given as log-probs ``[N, V]`` -> ``[N]`` (float32)."""
+    return _divergence(kind, _finite(t_logp.float()), _finite(s_logp.float()), float(beta), float(skew))[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# top-k teachers: coarse-grain onto the k cached tokens plus a "rest" bucket
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -119,24 +161,90 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def coarse_topk(s_logp: torch.Tensor, topk: TopK, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Coarse-grain onto the k cached tokens plus a "rest" bucket.
+def _topk_bins(ls: torch.Tensor, topk: TopK, temperature: float):
+    """``(teacher_bins, student_bins, student_rest)``: log-probs ``[N, k+1]`` (last = rest) and the
+    student's rest log-mass ``[N, 1]``; with k = vocab, ``[N, k]`` bins and ``None``.
 
-    Args:
-        s_logp: student log-probs at temperature T, ``[N, V]`` float32.
-        topk: teacher indices/log-probs at T = 1, ``[N, k]``.
-    Returns:
-        ``(teacher_bins, student_bins)``: log-probs ``[N, k+1]`` (last column = rest).
+    ``ls``: finite student log-probs at temperature T ``[N, V]``; ``topk``: teacher at T = 1 ``[N, k]``.
     """
     idx = topk.indices.long()
-    t_top = topk.logprobs.float()
+    t_top = _finite(topk.logprobs.float())
+    s_top = ls.gather(-1, idx)
+    if idx.shape[-1] >= ls.shape[-1]:  # the whole vocabulary (a permutation): no rest bucket
+        return torch.log_softmax(t_top / temperature, dim=-1), s_top, None
     t_rest = _log1mexp(torch.logsumexp(t_top, dim=-1, keepdim=True))
-    t_bins = torch.cat([t_top, t_rest], dim=-1)
-    if temperature != 1.0:
-        t_bins = torch.log_softmax(t_bins.clamp(min=_LOG_FLOOR) / temperature, dim=-1)
-    s_top = s_logp.gather(-1, idx)
-    s_rest = _log1mexp(torch.logsumexp(s_top, dim=-1, keepdim=True))
-    return t_bins, torch.cat([s_top, s_rest], dim=-1)
+    t_bins = torch.log_softmax(_finite(torch.cat([t_top, t_rest], dim=-1)) / temperature, dim=-1)
+    s_rest = torch.logsumexp(ls.scatter(-1, idx, float("-inf")), dim=-1, keepdim=True)
+    return t_bins, torch.cat([s_top, s_rest], dim=-1), s_rest
+
+
+def coarse_topk(s_logp: torch.Tensor, topk: TopK, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher and student log-probs on the k cached tokens (+ the rest bucket when k < vocab)."""
+    t_bins, s_bins, _ = _topk_bins(_finite(s_logp.float()), topk, temperature)
+    return t_bins, s_bins
+
+
+def _topk_grad_to_vocab(g: torch.Tensor, ls: torch.Tensor, idx: torch.Tensor, s_rest) -> torch.Tensor:
+    """Chain ``∂D/∂(student bins)`` ``[N, k(+1)]`` back to ``∂D/∂ls`` ``[N, V]``.
+
+    A top-k bin is one entry of ``ls``; the rest bin is ``logsumexp`` of the others, whose
+    derivative is each other token's share ``q_j / q_rest`` of the rest mass.
+    """
+    k = idx.shape[-1]
+    if s_rest is None:
+        out = torch.zeros_like(ls)
+    else:
+        out = ls.scatter(-1, idx, float("-inf")).sub_(s_rest).exp_().mul_(g[:, k:])
+    return out.scatter_add_(-1, idx, g[:, :k])
+
+
+# ---------------------------------------------------------------------------------------------
+# per-token losses, shared by both paths
+
+
+def _student_log_probs(logits: torch.Tensor, spec: LossSpec, finite: bool):
+    """``(log Q_T, log Q_1 or None)`` in float32; the second one only for a hard-label mix at T ≠ 1."""
+    s = logits.float()
+    T = spec.temperature
+    ls = torch.log_softmax(s / T if T != 1.0 else s, dim=-1)
+    ce = torch.log_softmax(s, dim=-1) if spec.hard_label_weight > 0.0 and T != 1.0 else None
+    if finite:
+        ls = _finite(ls)
+        ce = _finite(ce) if ce is not None else None
+    return ls, ce
+
+
+def _teacher_log_probs(logits: torch.Tensor, T: float, finite: bool) -> torch.Tensor:
+    lt = torch.log_softmax(logits.float() / T if T != 1.0 else logits.float(), dim=-1)
+    return _finite(lt) if finite else lt
+
+
+def _token_losses(ls, ce_logp, teacher, labels, spec: LossSpec, grad: bool = False):
+    """Per-token losses ``[N]`` and, with ``grad``, their gradient w.r.t. the student logits ``[N, V]``.
+
+    ``ls``: student log-probs at T; ``ce_logp``: at T = 1 (None: same as ``ls``); ``teacher``:
+    log-probs at T ``[N, V]`` or a :class:`TopK`; ``labels`` ``[N]`` (all kept).
+    """
+    T, w = spec.temperature, spec.hard_label_weight
+    if isinstance(teacher, TopK):
+        lt, s_bins, s_rest = _topk_bins(ls, teacher, T)
+    else:
+        lt, s_bins = teacher, ls
+    d, g = _divergence(spec.divergence, lt, s_bins, spec.beta, spec.skew, grad)
+    loss = d * ((1.0 - w) * T * T)
+    del lt, s_bins
+    if grad:
+        if isinstance(teacher, TopK):
+            g = _topk_grad_to_vocab(g, ls, teacher.indices.long(), s_rest)
+        # softmax Jacobian: ∂D/∂z = g − q·Σg, z = logits / T; ∂/∂logits = ∂/∂z / T, times (1−w)·T²
+        g.sub_(ls.exp().mul_(g.sum(-1, keepdim=True))).mul_((1.0 - w) * T)
+    if w > 0.0:
+        ce_logp = ls if ce_logp is None else ce_logp
+        lab = labels.long().clamp(min=0).unsqueeze(-1)
+        loss = loss - w * ce_logp.gather(-1, lab).squeeze(-1)
+        if grad:  # ∂CE/∂logits = softmax(logits) − onehot(label)
+            g.add_(ce_logp.exp(), alpha=w).scatter_add_(-1, lab, torch.full(lab.shape, -w, device=g.device))
+    return loss, g
 
 
 def token_losses(
@@ -150,21 +258,10 @@ def token_losses(
     ``(1 − w)·T²·D(P_T‖Q_T) + w·CE(Q_1, label)`` with w = ``spec.hard_label_weight``.
     ``student_logits`` ``[N, V]``; ``teacher`` logits ``[N, V]`` or a :class:`TopK` ``[N, k]``.
     """
-    T = spec.temperature
-    s = student_logits.float()
-    s_logp = torch.log_softmax(s / T, dim=-1)
-    if isinstance(teacher, TopK):
-        t_logp, s_logp_d = coarse_topk(s_logp, teacher, T)
-    else:
-        t_logp = torch.log_softmax(teacher.float() / T, dim=-1)
-        s_logp_d = s_logp
-    loss = divergence(t_logp, s_logp_d, spec.divergence, spec.beta, spec.skew) * (T * T)
-    w = spec.hard_label_weight
-    if w > 0.0:
-        ce_logp = s_logp if T == 1.0 else torch.log_softmax(s, dim=-1)
-        ce = -ce_logp.gather(-1, labels.long().clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        loss = (1.0 - w) * loss + w * ce
-    return loss
+    ls, ce_logp = _student_log_probs(student_logits, spec, finite=True)
+    if not isinstance(teacher, TopK):
+        teacher = _teacher_log_probs(teacher, spec.temperature, finite=True)
+    return _token_losses(ls, ce_logp, teacher, labels, spec)[0]
 
 
 def _count(mask: torch.Tensor, num_items) -> torch.Tensor:
@@ -178,7 +275,7 @@ def _spec(divergence, temperature, beta, skew, hard_label_weight) -> LossSpec:
 
 
 # ---------------------------------------------------------------------------------------------
-# plain path: from materialized logits
+# plain path: from materialized logits (autograd)
 
 
 def distill_loss(
@@ -217,7 +314,9 @@ def distill_loss(
         k = teacher.indices.shape[-1]
         t = TopK(teacher.indices.reshape(-1, k)[mask], teacher.logprobs.reshape(-1, k)[mask])
     else:
-        t = teacher.reshape(-1, teacher.shape[-1])[mask]
+        if teacher.shape[-1] != V:
+            raise ValueError(f"teacher vocab {teacher.shape[-1]} != student vocab {V}; slice to the shared vocabulary")
+        t = teacher.reshape(-1, V)[mask]
     per_tok = token_losses(s[mask], t, lab[mask], spec)
     return per_tok.sum() / count.clamp(min=1.0)
 
@@ -226,71 +325,71 @@ def distill_loss(
 # fused path: from hidden states + output weights, chunk by chunk
 
 
+def auto_chunk_size(tokens: int, vocab: int, hidden: int) -> int:
+    """Rows per chunk for :func:`fused_distill_loss` ``chunk_size="auto"``.
+
+    A ``[chunk, vocab]`` block holds about as many values as the ``[tokens, hidden]`` hidden states
+    (Liger-Kernel's rule: the loss never needs much more memory than its input), but at least 2²⁴
+    (64 MB of float32) so the matmuls stay efficient; rounded down to a power of two.
+    """
+    rows = max(tokens * hidden, 1 << 24) // max(vocab, 1)
+    rows = 1 << max(int(rows).bit_length() - 1, 0)
+    return max(1, min(rows, tokens))
+
+
 class _FusedDistill(torch.autograd.Function):
     """Chunked loss whose gradients are computed during the forward pass.
 
     Only one ``[chunk, vocab]`` block of logits (student, teacher and their gradient) exists at a
     time; the backward pass just scales the stored ``[tokens, hidden]`` and ``[vocab, hidden]``
-    gradients by the incoming gradient.
+    gradients by the incoming gradient (usually 1: then it hands them over without a copy).
     """
 
     @staticmethod
-    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, labels, t_idx, t_logp, spec, num_items, chunk_size):
-        mask = labels != IGNORE_INDEX
-        rows = mask.nonzero().squeeze(-1)
-        count = _count(mask, num_items).clamp(min=1.0)
-        h_sel = s_hidden.index_select(0, rows)
-        lab_sel = labels.index_select(0, rows)
+    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, labels, t_idx, t_logp, spec, num_items, chunk_size, want_grad):
+        rows = (labels != IGNORE_INDEX).nonzero().squeeze(-1)
+        count = _count(labels != IGNORE_INDEX, num_items).clamp(min=1.0)
+        need_h = want_grad and ctx.needs_input_grad[0]
+        need_w = want_grad and ctx.needs_input_grad[1]
+        h_sel, lab_sel = s_hidden.index_select(0, rows), labels.index_select(0, rows)
         if t_idx is not None:
-            t_idx_sel, t_logp_sel = t_idx.index_select(0, rows), t_logp.index_select(0, rows)
+            t_idx, t_logp = t_idx.index_select(0, rows), t_logp.index_select(0, rows)
         else:
-            t_sel = t_hidden.index_select(0, rows)
-        need_h = ctx.needs_input_grad[0]
-        need_w = ctx.needs_input_grad[1]
-        grad_h_sel = torch.zeros_like(h_sel) if need_h else None
+            t_hidden = t_hidden.index_select(0, rows)
+        grad_h = torch.zeros_like(s_hidden) if need_h else None
         grad_w = torch.zeros(s_weight.shape, dtype=torch.float32, device=s_weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=s_hidden.device)
         for start in range(0, rows.numel(), chunk_size):
-            stop = start + chunk_size
-            h = h_sel[start:stop]
-            with torch.no_grad():
-                if t_idx is not None:
-                    teacher = TopK(t_idx_sel[start:stop], t_logp_sel[start:stop])
-                else:
-                    teacher = t_sel[start:stop] @ t_weight.t()
-            logits = (h @ s_weight.t()).float().requires_grad_(need_h or need_w)
-            with torch.enable_grad():
-                chunk = token_losses(logits, teacher, lab_sel[start:stop], spec).sum()
-            if need_h or need_w:
-                (g,) = torch.autograd.grad(chunk, logits)
-                g = g.to(s_weight.dtype)
-                if need_h:
-                    grad_h_sel[start:stop] = g @ s_weight
-                if need_w:
-                    grad_w.addmm_(g.t().float(), h.float())
-                del g
-            total += chunk.detach()
-            del logits, teacher, chunk
-        ctx.count = count
-        grad_h = None
+            sl = slice(start, start + chunk_size)
+            h = h_sel[sl]
+            ls, ce_logp = _student_log_probs(h @ s_weight.t(), spec, finite=False)
+            if t_idx is not None:
+                teacher = TopK(t_idx[sl], t_logp[sl])
+            else:
+                teacher = _teacher_log_probs(t_hidden[sl] @ t_weight.t(), spec.temperature, finite=False)
+            loss, g = _token_losses(ls, ce_logp, teacher, lab_sel[sl], spec, grad=need_h or need_w)
+            del ls, ce_logp, teacher
+            total += loss.sum()
+            if need_h:
+                grad_h.index_copy_(0, rows[sl], (g.to(s_weight.dtype) @ s_weight).to(grad_h.dtype))
+            if need_w:
+                grad_w.addmm_(g.t(), h.float())
+            del g
         if need_h:
-            grad_h = torch.zeros_like(s_hidden)
-            grad_h.index_copy_(0, rows, grad_h_sel)
-        ctx.save_for_backward(
-            grad_h if grad_h is not None else torch.empty(0),
-            grad_w if grad_w is not None else torch.empty(0),
-        )
-        ctx.has = (need_h, need_w)
-        ctx.w_dtype = s_weight.dtype
+            grad_h.div_(count.to(grad_h.dtype))
+        if need_w:  # the float32 accumulator is freed here; the stored gradient has the weight's dtype
+            grad_w = grad_w.div_(count).to(s_weight.dtype)
+        ctx.save_for_backward(grad_h, grad_w)
         return total / count
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        scale = grad_out / ctx.count
-        gh = (grad_h * scale.to(grad_h.dtype)) if ctx.has[0] else None
-        gw = (grad_w * scale).to(ctx.w_dtype) if ctx.has[1] else None
-        return gh, gw, None, None, None, None, None, None, None, None
+        if torch.equal(grad_out, torch.ones_like(grad_out)):  # the usual case: no copy
+            return grad_h, grad_w, None, None, None, None, None, None, None, None, None
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None, None, None, None, None, None
 
 
 def fused_distill_loss(
@@ -304,7 +403,7 @@ def fused_distill_loss(
     beta: float = 0.5,
     skew: float = 0.1,
     hard_label_weight: float = 0.0,
-    chunk_size: int = 1024,
+    chunk_size: Union[int, str, None] = "auto",
     num_items: Optional[Union[int, torch.Tensor]] = None,
     teacher_topk: Optional[TopK] = None,
 ) -> torch.Tensor:
@@ -316,13 +415,16 @@ def fused_distill_loss(
         teacher_hidden: ``[..., teacher_hidden]`` (no gradient), or None with ``teacher_topk``.
         teacher_weight: teacher output layer ``[vocab, teacher_hidden]`` (no gradient).
         labels: ``[batch, seq]`` or ``[tokens]``, aligned with the positions, -100 = ignore.
-        chunk_size: tokens per chunk; peak extra memory is a few ``[chunk, vocab]`` float32 blocks.
+        chunk_size: tokens per chunk, or ``"auto"``/None (:func:`auto_chunk_size`); peak extra
+            memory is a few ``[chunk, vocab]`` float32 blocks.
+        num_items: global count of unmasked tokens (defaults to the local count).
+        teacher_topk: a :class:`TopK` ``[..., k]`` instead of teacher hidden states and weight.
     Returns:
-        scalar float32 loss; only unmasked rows are ever projected onto the vocabulary.
+        scalar float32 loss; only unmasked rows are ever projected onto the vocabulary. The
+        projections run in the inputs' dtype (as the model's own head would); everything after
+        them, and the weight-gradient accumulator, in float32.
     """
     spec = _spec(divergence, temperature, beta, skew, hard_label_weight)
-    if chunk_size < 1:
-        raise ValueError("chunk_size must be >= 1")
     H = student_hidden.shape[-1]
     s_h = student_hidden.reshape(-1, H)
     lab = labels.reshape(-1)
@@ -341,7 +443,14 @@ def fused_distill_loss(
         t_h = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
         t_w = teacher_weight.detach()
         t_idx = t_logp = None
-    return _FusedDistill.apply(s_h, student_weight, t_h, t_w, lab, t_idx, t_logp, spec, num_items, int(chunk_size))
+    if chunk_size is None or chunk_size == "auto":
+        n = int((lab != IGNORE_INDEX).sum())
+        chunk_size = auto_chunk_size(max(n, 1), student_weight.shape[0], H)
+    elif not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or 'auto', got {chunk_size!r}")
+    return _FusedDistill.apply(
+        s_h, student_weight, t_h, t_w, lab, t_idx, t_logp, spec, num_items, chunk_size, torch.is_grad_enabled()
+    )
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -349,7 +458,6 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-
 
 # ---------------------------------------------------------------------------------------------
 # preference losses (DPO). Owned by the on-policy / preference methods (issue 6); kept separate
