@@ -16,6 +16,7 @@ KEY = "sk-test-SECRET-4b1d9e"
 
 @pytest.fixture()
 def server(monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # a proxy in the environment must not intercept
     monkeypatch.setenv("KD_TEST_KEY", KEY)
     srv = FakeOpenAI(key=KEY).start()
     yield srv
@@ -96,7 +97,8 @@ def test_unknown_model_fails_at_once(server):
         t.complete_many(jobs("a", "b", "c"))
 
 
-def test_unreachable_fails_at_once():
+def test_unreachable_fails_at_once(monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     t = api(None, api_key_env=None, max_retries=6, backoff_base=5)
     t0 = time.time()
     with pytest.raises(ApiError, match="cannot reach"):

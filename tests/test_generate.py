@@ -26,6 +26,7 @@ KEY = "sk-live-TOPSECRET-77a1c3"
 
 @pytest.fixture()
 def server(monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # a proxy in the environment must not intercept
     monkeypatch.setenv("KD_GEN_KEY", KEY)
     srv = FakeOpenAI(key=KEY).start()
     yield srv
@@ -61,7 +62,7 @@ def assert_no_key(root: Path, *texts: str) -> None:
 
 
 def test_kill9_midrun_then_resume_exactly_once(server, tmp_path):
-    server.delay = 0.08
+    server.delay = 0.12  # 40 prompts, 2 at a time: ~2.4 s of answering, so the kill lands mid-run
     n = 40
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"id": f"p{i}", "prompt": f"question {i}"} for i in range(n)])
     cfg_path = tmp_path / "gen.yaml"
@@ -73,14 +74,14 @@ def test_kill9_midrun_then_resume_exactly_once(server, tmp_path):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 30
     while time.time() < deadline:
-        if out.exists() and out.read_bytes().count(b"\n") >= 8:
+        if out.exists() and out.read_bytes().count(b"\n") >= 6:
             break
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     out1, err1 = proc.communicate(timeout=10)
     assert proc.returncode == -signal.SIGKILL
     at_kill = {r["id"] for r in valid_rows(out)}
-    assert 8 <= len(at_kill) < n  # really killed mid-run
+    assert 6 <= len(at_kill) < n  # really killed mid-run
     with server.lock:
         server.requests.clear()
 

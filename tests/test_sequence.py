@@ -86,6 +86,7 @@ def test_sequence_local_teacher_end_to_end(tiny, tmp_path):
 
 def test_sequence_api_teacher_other_tokenizer_generate_filters_judge(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("KD_SEQ_KEY", KEY)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
 
     def respond(msgs):
         text = msgs[-1]["content"]

@@ -258,7 +258,7 @@ class ApiTeacher:
         n = self.cfg.max_concurrency
         limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
         timeout = httpx.Timeout(self.cfg.timeout)
-        async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:  # env: proxies, CA bundle
             it = iter(jobs)
             if not self._verified:  # a probe first: a bad key/model/url fails after one request
                 first = next(it, None)
