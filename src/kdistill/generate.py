@@ -302,7 +302,7 @@ class _Progress:
     def update(self, requests: int, failed: int) -> None:
         if self.bar is not None:
             rate = requests / max(time.time() - self.t0, 1e-6)
-            self.bar.set_postfix_str(f"{rate:.1f} req/s, {failed} failed", refresh=False)
+            self.bar.set_postfix_str(f"{rate:.3g} req/s, {failed} failed", refresh=False)
             self.bar.update(1)
 
     def close(self) -> None:
@@ -355,7 +355,7 @@ def generate(cfg, say: Callable[[str], None] = log.info, progress: bool = True, 
         return summary
 
     writer = Appender(out)
-    fails = Appender(_sidecar(out, ".failures.jsonl"))
+    fails: list = []  # the failures file, opened on the first failure
     bar = _Progress(len(tasks), n_done, progress)
     t0 = time.time()
     requests = [0]
@@ -364,7 +364,9 @@ def generate(cfg, say: Callable[[str], None] = log.info, progress: bool = True, 
         requests[0] += n_req
         if text is None:
             summary["failed"] += 1
-            fails.write({"id": task.id, "error": error, "attempts": n_req, "time": round(time.time(), 3)})
+            if not fails:
+                fails.append(Appender(_sidecar(out, ".failures.jsonl")))
+            fails[0].write({"id": task.id, "error": error, "attempts": n_req, "time": round(time.time(), 3)})
         else:
             writer.write(make_row(task, text, finish, cfg, teacher, system))
             summary["succeeded"] += 1
@@ -380,14 +382,15 @@ def generate(cfg, say: Callable[[str], None] = log.info, progress: bool = True, 
     finally:
         bar.close()
         writer.close()
-        fails.close()
+        for f in fails:
+            f.close()
         summary["seconds"] = round(time.time() - t0, 2)
         summary["requests"] = max(summary["requests"], requests[0])
         summary["complete"] = summary["already_done"] + summary["succeeded"] == summary["total"]
         _sidecar(out, ".summary.json").write_text(json.dumps(summary, indent=2))
     rate = summary["requests"] / max(summary["seconds"], 1e-6)
     say(f"generate: {summary['succeeded']} answered, {summary['failed']} failed, {summary['retried']} retries, "
-        f"{summary['requests']} requests ({rate:.1f}/s) in {summary['seconds']:.1f} s -> {out}"
+        f"{summary['requests']} requests ({rate:.3g}/s) in {summary['seconds']:.1f} s -> {out}"
         + ("" if summary["complete"] else "; rerun the same command to retry the failed prompts"))
     return summary
 
