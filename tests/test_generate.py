@@ -204,3 +204,15 @@ def test_local_teacher_generates_with_finish_reason(tiny, tmp_path):
     rows = valid_rows(tmp_path / "out" / "teacher.jsonl")
     assert all(r["finish_reason"] in ("stop", "length") and r["teacher"] == str(tiny / "teacher") for r in rows)
     assert generate(cfg, progress=False)["already_done"] == len(rows)
+
+
+def test_second_writer_on_the_same_output_is_refused(server, tmp_path):
+    import fcntl
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q"}])
+    (tmp_path / "out").mkdir()
+    with open(tmp_path / "out" / "teacher.lock", "w") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(ConfigError, match="another kdistill process"):
+            generate(load_config(base=gen_config(tmp_path, server, prompts)), progress=False)
+    assert generate(load_config(base=gen_config(tmp_path, server, prompts)), progress=False)["complete"]

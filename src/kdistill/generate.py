@@ -20,11 +20,14 @@ Crash safety (``kill -9`` at any moment, then the same command again):
   any corrupt or duplicate line dropped, so every id appears once;
 * only ids not in the file are requested: no answered prompt is ever sent again;
 * failures (after retries) go to ``OUTPUT.failures.jsonl``, never to the output; a rerun retries
-  them. ``OUTPUT.meta.json`` records the settings; resuming with other settings is an error.
+  them. ``OUTPUT.meta.json`` records the settings; resuming with other settings is an error;
+* one writer at a time: ``OUTPUT.lock`` is held (``flock``) while a job runs, so two processes
+  cannot answer the same prompts twice; the OS releases it when the process dies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -310,6 +313,23 @@ class _Progress:
             self.bar.close()
 
 
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """Hold an exclusive lock on ``OUTPUT.lock`` (released on exit, also when the process is killed)."""
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(_sidecar(out, ".lock"), os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigError(f"generate.output: another kdistill process is writing {out}; wait for it or stop it") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def generate(cfg, say: Callable[[str], None] = log.info, progress: bool = True, local=None) -> dict:
     """Run (or resume) the generation job of ``cfg.generate``; returns a summary dict.
 
@@ -339,60 +359,61 @@ def generate(cfg, say: Callable[[str], None] = log.info, progress: bool = True, 
     if not pf.prompts:
         raise DataError(f"{prompts_path}: no usable prompt rows")
 
-    done, dropped = load_done(out)
-    _check_meta(out, _settings(cfg, teacher), bool(done))
-    tasks = _tasks(pf.prompts, cfg, system)
-    todo = [t for t in tasks if t.id not in done]
-    n_done = len(tasks) - len(todo)
-    say(f"generate: {len(tasks)} rows ({len(pf.prompts)} prompts x {g.samples_per_prompt}); "
-        f"{n_done} already in {out}, {len(todo)} to do; teacher {teacher}")
+    with _exclusive(out):  # one writer per output file
+        done, dropped = load_done(out)
+        _check_meta(out, _settings(cfg, teacher), bool(done))
+        tasks = _tasks(pf.prompts, cfg, system)
+        todo = [t for t in tasks if t.id not in done]
+        n_done = len(tasks) - len(todo)
+        say(f"generate: {len(tasks)} rows ({len(pf.prompts)} prompts x {g.samples_per_prompt}); "
+            f"{n_done} already in {out}, {len(todo)} to do; teacher {teacher}")
 
-    summary = {"output": str(out), "total": len(tasks), "already_done": n_done, "succeeded": 0, "failed": 0,
-               "retried": 0, "requests": 0, "bad_prompt_lines": len(pf.bad_lines), "duplicate_prompts": pf.duplicates,
-               "torn_lines_dropped": dropped, "teacher": teacher}
-    if not todo:
-        summary["complete"] = True
+        summary = {"output": str(out), "total": len(tasks), "already_done": n_done, "succeeded": 0, "failed": 0,
+                   "retried": 0, "requests": 0, "bad_prompt_lines": len(pf.bad_lines), "duplicate_prompts": pf.duplicates,
+                   "torn_lines_dropped": dropped, "teacher": teacher}
+        if not todo:
+            summary["complete"] = True
+            return summary
+
+        writer = Appender(out)
+        fails: list = []  # the failures file, opened on the first failure
+        bar = _Progress(len(tasks), n_done, progress)
+        t0 = time.time()
+        requests = [0]
+
+        def on_result(task: Task, text: Optional[str], finish: Optional[str], error: Optional[str], n_req: int) -> None:
+            requests[0] += n_req
+            if text is None:
+                summary["failed"] += 1
+                if not fails:
+                    fails.append(Appender(_sidecar(out, ".failures.jsonl")))
+                fails[0].write({"id": task.id, "error": error, "attempts": n_req, "time": round(time.time(), 3)})
+            else:
+                writer.write(make_row(task, text, finish, cfg, teacher, system))
+                summary["succeeded"] += 1
+            bar.update(requests[0], summary["failed"])
+
+        try:
+            if cfg.teacher.api is not None:
+                _run_api(cfg, todo, on_result, summary)
+            elif cfg.teacher.engine == "vllm":
+                _run_vllm(cfg, todo, on_result)
+            else:
+                _run_local(cfg, todo, on_result, local)
+        finally:
+            bar.close()
+            writer.close()
+            for f in fails:
+                f.close()
+            summary["seconds"] = round(time.time() - t0, 2)
+            summary["requests"] = max(summary["requests"], requests[0])
+            summary["complete"] = summary["already_done"] + summary["succeeded"] == summary["total"]
+            _sidecar(out, ".summary.json").write_text(json.dumps(summary, indent=2))
+        rate = summary["requests"] / max(summary["seconds"], 1e-6)
+        say(f"generate: {summary['succeeded']} answered, {summary['failed']} failed, {summary['retried']} retries, "
+            f"{summary['requests']} requests ({rate:.3g}/s) in {summary['seconds']:.1f} s -> {out}"
+            + ("" if summary["complete"] else "; rerun the same command to retry the failed prompts"))
         return summary
-
-    writer = Appender(out)
-    fails: list = []  # the failures file, opened on the first failure
-    bar = _Progress(len(tasks), n_done, progress)
-    t0 = time.time()
-    requests = [0]
-
-    def on_result(task: Task, text: Optional[str], finish: Optional[str], error: Optional[str], n_req: int) -> None:
-        requests[0] += n_req
-        if text is None:
-            summary["failed"] += 1
-            if not fails:
-                fails.append(Appender(_sidecar(out, ".failures.jsonl")))
-            fails[0].write({"id": task.id, "error": error, "attempts": n_req, "time": round(time.time(), 3)})
-        else:
-            writer.write(make_row(task, text, finish, cfg, teacher, system))
-            summary["succeeded"] += 1
-        bar.update(requests[0], summary["failed"])
-
-    try:
-        if cfg.teacher.api is not None:
-            _run_api(cfg, todo, on_result, summary)
-        elif cfg.teacher.engine == "vllm":
-            _run_vllm(cfg, todo, on_result)
-        else:
-            _run_local(cfg, todo, on_result, local)
-    finally:
-        bar.close()
-        writer.close()
-        for f in fails:
-            f.close()
-        summary["seconds"] = round(time.time() - t0, 2)
-        summary["requests"] = max(summary["requests"], requests[0])
-        summary["complete"] = summary["already_done"] + summary["succeeded"] == summary["total"]
-        _sidecar(out, ".summary.json").write_text(json.dumps(summary, indent=2))
-    rate = summary["requests"] / max(summary["seconds"], 1e-6)
-    say(f"generate: {summary['succeeded']} answered, {summary['failed']} failed, {summary['retried']} retries, "
-        f"{summary['requests']} requests ({rate:.3g}/s) in {summary['seconds']:.1f} s -> {out}"
-        + ("" if summary["complete"] else "; rerun the same command to retry the failed prompts"))
-    return summary
 
 
 def _run_api(cfg, todo: list[Task], on_result, summary: dict) -> None:
