@@ -25,6 +25,7 @@ from torch import nn
 
 from kdistill.data import IGNORE_INDEX, Example, Renderer, collate, collate_prompts
 from kdistill.losses import divergence
+from kdistill.teachers.local import final_hidden, supports_hidden
 
 HIGHER_IS_BETTER = {"accuracy": True, "top1_agreement": True, "perplexity": False, "kl_to_teacher": False}
 
@@ -32,6 +33,18 @@ HIGHER_IS_BETTER = {"accuracy": True, "top1_agreement": True, "perplexity": Fals
 def _batches(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def response_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """float32 logits ``[n_keep, vocab]`` at the positions where ``keep`` ``[batch, seq]`` is true.
+
+    When the model's logits are ``hidden @ W.T``, only the kept positions are projected onto the
+    vocabulary (response tokens are usually a small share of a batch).
+    """
+    if supports_hidden(model):
+        h = final_hidden(model, ids, mask)[keep]
+        return (h @ model.get_output_embeddings().weight[:vocab_size].t()).float()
+    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[..., :vocab_size][keep].float()
 
 
 @torch.no_grad()
@@ -57,11 +70,11 @@ def logit_metrics(
         keep = labels != IGNORE_INDEX
         if not keep.any():
             continue
-        s = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[..., :vocab_size][keep].float()
+        s = response_logits(model, ids, mask, keep, vocab_size)
         s_logp = torch.log_softmax(s, -1)
         nll += float(-s_logp.gather(-1, labels[keep].unsqueeze(-1)).sum())
         if teacher is not None:
-            t = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits[..., :vocab_size][keep].float()
+            t = response_logits(teacher, ids, mask, keep, vocab_size)
             t_logp = torch.log_softmax(t, -1)
             kl += float(divergence(t_logp, s_logp, "forward_kl").sum())
             agree += float((t.argmax(-1) == s.argmax(-1)).sum())
