@@ -12,7 +12,9 @@ subprocess, so one case's memory cannot hide or inflate another's:
 * CUDA: ``torch.cuda.max_memory_allocated()`` minus the memory allocated just before the call.
 
 Time is the wall clock of one forward+backward (CPU: a single run, after a small warm-up on a
-few tokens; CUDA: the median of ``--repeat`` runs after two warm-ups).
+few tokens; CUDA: the median of ``--repeat`` runs after two warm-ups). On CPU the process's CPU
+time (user + system, all threads) is reported too: on a machine shared with other work, wall
+time measures the neighbours as much as the loss, CPU time much less so.
 
     python benchmarks/losses.py                      # CPU: hidden 576, vocab 49152, 8192 tokens, float32
     python benchmarks/losses.py --quick              # a smaller shape, for a smoke test
@@ -148,11 +150,19 @@ def run_case(impl, divergence, tokens, vocab, hidden, device, dtype_name, repeat
     else:
         reset_ok = _reset_peak()
         base = _rss_kb()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         value = step(args)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
         peak_mb = (_peak_kb(reset_ok) - base) / 1024
-    return {"impl": impl, "divergence": divergence, "peak_mb": peak_mb, "seconds": seconds, "value": value}
+    out = {"impl": impl, "divergence": divergence, "peak_mb": peak_mb, "seconds": seconds, "value": value}
+    if device != "cuda":
+        out["cpu_seconds"] = cpu
+    return out
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,20 +222,28 @@ def main(argv=None) -> int:
                 continue
             res[impl] = json.loads(line[0][len("RESULT "):])
             r = res[impl]
-            print(f"# {d:16s} {impl:5s} peak {r['peak_mb']:9.1f} MB  time {r['seconds']:8.3f} s  loss {r['value']:.6f}", flush=True)
+            cpu = f"  cpu {r['cpu_seconds']:8.2f} s" if "cpu_seconds" in r else ""
+            print(f"# {d:16s} {impl:5s} peak {r['peak_mb']:9.1f} MB  time {r['seconds']:8.3f} s{cpu}  loss {r['value']:.6f}",
+                  flush=True)
         rows.append((d, res))
 
+    cols = [("peak_mb", "peak MB", ".0f", "memory"), ("seconds", "wall s", ".2f", "wall time")]
+    if not gpu:
+        cols.append(("cpu_seconds", "CPU s", ".1f", "CPU time"))
+    head = ["divergence"]
+    for _, unit, _, what in cols:
+        head += [f"naive {unit}", f"fused {unit}", f"{what} fused/naive"]
     print()
-    print("| divergence | naive peak MB | fused peak MB | memory fused/naive | naive s | fused s | time fused/naive | loss rel. diff |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| " + " | ".join(head + ["loss rel. diff"]) + " |")
+    print("|---|" + "---:|" * (len(head) ) )
     for d, res in rows:
         n, f = res.get("naive"), res.get("fused")
-        fmt = lambda r, k, spec: format(r[k], spec) if r else "—"
-        mem_ratio = f"{f['peak_mb'] / n['peak_mb']:.3f}" if n and f and n["peak_mb"] > 0 else "—"
-        t_ratio = f"{f['seconds'] / n['seconds']:.2f}" if n and f else "—"
-        diff = f"{abs(f['value'] - n['value']) / max(abs(n['value']), 1e-30):.1e}" if n and f else "—"
-        print(f"| {d} | {fmt(n, 'peak_mb', '.0f')} | {fmt(f, 'peak_mb', '.0f')} | {mem_ratio} | "
-              f"{fmt(n, 'seconds', '.2f')} | {fmt(f, 'seconds', '.2f')} | {t_ratio} | {diff} |")
+        cells = [d]
+        for key, _, spec, _ in cols:
+            cells += [format(n[key], spec) if n else "—", format(f[key], spec) if f else "—",
+                      f"{f[key] / n[key]:.3f}" if n and f and n[key] > 0 else "—"]
+        cells.append(f"{abs(f['value'] - n['value']) / max(abs(n['value']), 1e-30):.1e}" if n and f else "—")
+        print("| " + " | ".join(cells) + " |")
     return 0
 
 
