@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
 
     with_config("run", "train a student as the config says (method: logit, ...) and write student/ + report")
     with_config("eval", "compare an existing teacher and student on held-out data (report only, no training)")
+    with_config("cache-teacher", "white-box, offline: the teacher's top-k log-probs on data.train -> compact shards (resumable)")
     with_config("generate", "the teacher (API or local model) answers prompts -> JSONL (append-only, resumable)")
     demo = sub.add_parser("demo", help="distill the bundled SmolLM2-135M-Instruct teacher on this machine (~10 min on 2 CPU cores)",
                           description="The embedded default: a real teacher, a student cut from it, a task, a report.")
@@ -78,6 +79,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         from kdistill.config import load_config
 
         cfg = load_config(args.config, args.overrides)
+        if args.command == "cache-teacher":
+            from kdistill.cache import cache_teacher
+
+            stats = cache_teacher(cfg, say=_say, progress=not args.no_progress)
+            print(f"cache: {stats['path']}: {stats['rows']} rows, {stats['tokens']} tokens, top-{stats['top_k']}, "
+                  f"{stats['bytes_per_token']} bytes per token")
+            return 0
         if args.command == "generate":
             from kdistill.generate import generate
 

@@ -54,6 +54,10 @@ class TeacherConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     revision: Optional[str] = None
     trust_remote_code: bool = False
+    cache: Optional[str] = Field(
+        None, description="an offline top-k cache (from `kdistill cache-teacher`): train from it without running the teacher"
+    )
+    weight: float = Field(1.0, gt=0.0, description="this teacher's weight in a `teachers:` list (normalized to sum to 1)")
     api: Optional[TeacherApiConfig] = Field(
         None, description="a teacher behind an HTTP API; with teacher.model too, text comes from the API"
     )
@@ -119,6 +123,10 @@ class LossConfig(Section):
         "auto", description="chunked loss from hidden states (never materializes [tokens x vocab]); auto = when possible"
     )
     chunk_size: int = Field(1024, ge=1)
+    teacher_mix: Literal["mixture", "sum"] = Field(
+        "mixture", description="several teachers: mixture = divergence to their weighted mixture in probability space; "
+        "sum = weighted sum of per-teacher divergences"
+    )
 
     @field_validator("divergence")
     @classmethod
@@ -324,10 +332,23 @@ class SequenceConfig(Section):
     rationale_prefix: str = Field("[rationale] ", description="task prefix of the rationale view")
 
 
+class CacheConfig(Section):
+    """``kdistill cache-teacher``: the teacher's top-k log-probs on data.train -> sharded, resumable files."""
+
+    path: Optional[str] = Field(None, description="cache folder (default: teacher.cache)")
+    top_k: int = Field(64, ge=1, le=4096, description="tokens kept per position (the rest is one tail bucket)")
+    shard_size: int = Field(256, ge=1, description="rows per shard (the unit of resumption)")
+    batch_size: int = Field(8, ge=1, description="rows per teacher forward pass")
+
+
 class Config(Section):
     output_dir: str
     method: str = "logit"
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    teachers: Optional[list[TeacherConfig]] = Field(
+        None, description="several teachers (each a model or a cache, with a weight); replaces `teacher`"
+    )
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     student: Optional[StudentConfig] = None
     data: DataConfig = Field(default_factory=DataConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -349,6 +370,18 @@ class Config(Section):
         if v not in METHODS:
             raise ValueError(f"unknown method {v!r}; expected one of {', '.join(METHODS)}")
         return v
+
+    @model_validator(mode="after")
+    def _teachers(self) -> "Config":
+        if self.teachers is not None:
+            if not self.teachers:
+                raise ValueError("teachers: give at least one teacher (each with model or cache)")
+            if self.teacher.model is not None or self.teacher.cache is not None:
+                raise ValueError("set either teacher or teachers, not both")
+            for i, t in enumerate(self.teachers):
+                if t.model is None and t.cache is None:
+                    raise ValueError(f"teachers[{i}]: give model or cache")
+        return self
 
     @model_validator(mode="after")
     def _method_defaults(self) -> "Config":

@@ -12,6 +12,7 @@ import torch
 from kdistill.losses import distill_loss, fused_distill_loss
 from kdistill.methods import register
 from kdistill.methods.base import Method, RunContext
+from kdistill.teachers.multi import signal_parts
 
 
 class LogitMethod(Method):
@@ -42,26 +43,31 @@ class LogitMethod(Method):
     def loss(self, model, batch, num_items):
         V = self.ctx.vocab_size
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        loss = 0.0
         if self.use_fused(model):
             s_hidden, s_weight = model(ids, mask, hidden=True)
-            t = self.ctx.teacher.signal(batch, hidden=True)
-            if t.topk is not None:
-                loss = fused_distill_loss(
-                    s_hidden, s_weight[:V], None, None, labels, teacher_topk=t.topk,
-                    chunk_size=self.chunk_size, num_items=num_items, **self.kwargs,
-                )
-            elif t.hidden is not None:
-                loss = fused_distill_loss(
-                    s_hidden, s_weight[:V], t.hidden, t.weight, labels,
-                    chunk_size=self.chunk_size, num_items=num_items, **self.kwargs,
-                )
-            else:  # teacher gave logits: project the student densely, plain loss
-                logits = s_hidden @ s_weight[:V].t()
-                loss = distill_loss(logits, t.logits, labels, num_items=num_items, **self.kwargs)
+            signal = self.ctx.teacher.signal(batch, hidden=True)
+            for w, t in signal_parts(signal):  # one part, or several teachers with loss.teacher_mix: sum
+                if t.topk is not None:
+                    part = fused_distill_loss(
+                        s_hidden, s_weight[:V], None, None, labels, teacher_topk=t.topk,
+                        chunk_size=self.chunk_size, num_items=num_items, **self.kwargs,
+                    )
+                elif t.hidden is not None:
+                    part = fused_distill_loss(
+                        s_hidden, s_weight[:V], t.hidden, t.weight, labels,
+                        chunk_size=self.chunk_size, num_items=num_items, **self.kwargs,
+                    )
+                else:  # teacher gave logits: project the student densely, plain loss
+                    logits = s_hidden @ s_weight[:V].t()
+                    part = distill_loss(logits, t.logits, labels, num_items=num_items, **self.kwargs)
+                loss = loss + w * part
         else:
             logits = model(ids, mask)[..., :V]
-            t = self.ctx.teacher.signal(batch, hidden=False)
-            loss = distill_loss(logits, t.logits, labels, num_items=num_items, teacher_topk=t.topk, **self.kwargs)
+            signal = self.ctx.teacher.signal(batch, hidden=False)
+            for w, t in signal_parts(signal):
+                loss = loss + w * distill_loss(logits, t.logits, labels, num_items=num_items, teacher_topk=t.topk,
+                                               **self.kwargs)
         return loss, {}
 
 

@@ -36,12 +36,15 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 @dataclass
 class TeacherSignal:
     """One of: ``hidden`` ``[batch, seq, hidden]`` + ``weight`` ``[vocab, hidden]``; ``logits``
-    ``[batch, seq, vocab]``; or ``topk`` (:class:`~kdistill.losses.TopK`, ``[batch, seq, k]``)."""
+    ``[batch, seq, vocab]``; or ``topk`` (:class:`~kdistill.losses.TopK`, ``[batch, seq, k]``);
+    or ``parts``: ``[(weight, TeacherSignal)]``, a weighted sum of per-teacher losses
+    (several teachers, ``loss.teacher_mix: sum``; see :func:`kdistill.teachers.multi.signal_parts`)."""
 
     hidden: Optional[torch.Tensor] = None
     weight: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
     topk: Optional[TopK] = None
+    parts: Optional[list] = None
 
 
 class LocalTeacher:

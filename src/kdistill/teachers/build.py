@@ -1,0 +1,146 @@
+"""Build the run's teacher signal from the config: a local model, an offline cache, or several.
+
+* ``teacher: {model: M}``: the model runs next to the student (:class:`LocalTeacher`).
+* ``teacher: {cache: C}``: the signal is read from the cache (:class:`CachedTeacher`); no teacher
+  model is loaded. The student must then be ``student.model`` (a student cut from the teacher
+  needs the teacher's weights), and teacher-relative metrics (KL to the teacher, top-1 agreement,
+  teacher accuracy) are reported as unavailable.
+* ``teacher: {model: M, cache: C}``: the signal is read from the cache; M is loaded only to cut the
+  student (``student.init``) and to evaluate the teacher and the initial student, freed while the
+  student trains, and loaded again for the final evaluation.
+* ``teachers: [...]``: several of the above with weights (:class:`MultiTeacher`). The first
+  teacher with a ``model`` is "the teacher" of the report and the one a student is cut from.
+
+Every teacher must share the student's tokenizer (a clear error otherwise).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+from kdistill.errors import ConfigError, ModelError
+
+log = logging.getLogger("kdistill")
+
+
+def teacher_configs(cfg) -> list:
+    """The configured teachers: ``teachers`` when given, else ``[teacher]``."""
+    return list(cfg.teachers) if cfg.teachers else [cfg.teacher]
+
+
+def primary_teacher(cfg):
+    """The teacher whose model the report compares against and students are cut from (or None)."""
+    for t in teacher_configs(cfg):
+        if t.model is not None:
+            return t
+    return None
+
+
+def needs_primary_model(cfg) -> bool:
+    """True when the primary teacher model produces training signal (it is not only a cache)."""
+    prim = primary_teacher(cfg)
+    return prim is not None and prim.cache is None
+
+
+def _key(cfg, i: int) -> str:
+    return f"teachers[{i}]" if cfg.teachers else "teacher"
+
+
+def load_student_only(cfg, say: Callable[[str], None] = log.info):
+    """:class:`~kdistill.pipeline.Models` without a teacher model (every teacher is a cache)."""
+    from kdistill.cache import TopKCache
+    from kdistill.models import load_model, output_vocab_size
+    from kdistill.pipeline import Models
+
+    specs = teacher_configs(cfg)
+    if not any(t.cache for t in specs):
+        raise ConfigError("teacher.model: required for this method (hub id, folder, .gguf file, or 'demo'), or teacher.cache")
+    if cfg.student is None:
+        raise ConfigError("student: required key is missing (student.model when the teacher is only a cache)")
+    if cfg.student.model is None:
+        raise ConfigError(
+            "student.model: required when the teacher is only a cache (student.init cuts the student from the teacher's "
+            "weights: give teacher.model too, or a student.model)"
+        )
+    student, tok = load_model(cfg.student.model, "student.model", cfg.student.dtype, cfg.student.revision,
+                              cfg.student.trust_remote_code)
+    if cfg.student.freeze_embeddings:
+        student.get_input_embeddings().weight.requires_grad_(False)
+    vocab = min(output_vocab_size(student), len(tok))
+    names = [f"{TopKCache(t.cache).teacher} (cache {t.cache})" for t in specs if t.cache]
+    say(f"teacher: offline cache only ({', '.join(names)}); no teacher model is loaded")
+    return Models(None, student, tok, vocab, " + ".join(names), cfg.student.model)
+
+
+def build_teacher(cfg, m, features: list[dict], device=None, say: Callable[[str], None] = log.info):
+    """The teacher object a method asks for signal (``signal(batch, hidden)``).
+
+    Args:
+        m: the run's :class:`~kdistill.pipeline.Models` (``m.teacher`` is the primary teacher model
+            or None, ``m.tokenizer`` the student's tokenizer, ``m.vocab_size`` the shared vocabulary).
+        features: the encoded training rows; every cache is checked against them before training.
+    """
+    from kdistill.models import check_vocab, load_model, tokenizer_fingerprint
+    from kdistill.teachers.cache import CachedTeacher
+    from kdistill.teachers.local import LocalTeacher
+    from kdistill.teachers.multi import MultiTeacher
+
+    specs = teacher_configs(cfg)
+    prim = primary_teacher(cfg)
+    built, names = [], []
+    for i, spec in enumerate(specs):
+        key = _key(cfg, i)
+        if spec.cache is not None:
+            t = CachedTeacher.open(spec.cache, m.tokenizer, m.vocab_size, features, key=f"{key}.cache")
+            say(f"{key}: top-{t.top_k} cache {spec.cache} ({len(t.cache):,} rows, "
+                f"{t.cache.bytes_per_token():.0f} bytes/token) checked against {len(features)} training rows")
+            names.append(f"{t.cache.teacher} (cache)")
+        elif spec is prim:
+            if m.teacher is None:
+                raise ConfigError(f"{key}.model: the teacher model is not loaded")
+            t = LocalTeacher(m.teacher, m.vocab_size, name=m.teacher_name, device=device)
+            names.append(spec.model)
+        else:
+            model, tok = load_model(spec.model, f"{key}.model", spec.dtype, spec.revision, spec.trust_remote_code)
+            if tokenizer_fingerprint(tok) != tokenizer_fingerprint(m.tokenizer):
+                raise ModelError(
+                    f"{key}.model: {spec.model} has a different tokenizer than the student; every teacher must share "
+                    "the student's tokenizer for logit distillation"
+                )
+            shared = check_vocab(tok, m.tokenizer, model, m.student)
+            if shared < m.vocab_size:
+                raise ModelError(f"{key}.model: its vocabulary ({shared}) is smaller than the run's ({m.vocab_size})")
+            t = LocalTeacher(model, m.vocab_size, name=spec.model, device=device)
+            names.append(spec.model)
+        built.append(t)
+    if len(built) == 1:
+        return built[0]
+    multi = MultiTeacher(built, [s.weight for s in specs], cfg.loss.teacher_mix, names)
+    say(f"teachers: {len(built)} ({', '.join(f'{n} w={w:.2f}' for n, w in zip(names, multi.weights))}), "
+        f"combined as {cfg.loss.teacher_mix}")
+    return multi
+
+
+def uses_model(teacher, model) -> bool:
+    """Whether ``teacher`` (possibly a :class:`MultiTeacher`) runs ``model``."""
+    if teacher is None or model is None:
+        return False
+    subs = getattr(teacher, "teachers", None)
+    if subs is not None:
+        return any(uses_model(t, model) for t in subs)
+    return getattr(teacher, "model", None) is model
+
+
+def reload_teacher(cfg, device=None) -> Optional[object]:
+    """Load the primary teacher model again (after training from a cache, for the final evaluation)."""
+    from kdistill.models import load_model
+
+    prim = primary_teacher(cfg)
+    if prim is None:
+        return None
+    model, _ = load_model(prim.model, "teacher.model", prim.dtype, prim.revision, prim.trust_remote_code,
+                          with_tokenizer=False)
+    if device is not None:
+        model.to(device)
+    return model
