@@ -116,3 +116,20 @@ def test_on_policy_run_reports_fraction(tiny, tmp_path):
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["on_policy"] for r in rows) == s["on_policy_batches"]
     assert "retention" in rep and (out / "report.md").read_text().count("on_policy_fraction") == 1
+
+
+def test_seq_kd_batches_come_from_the_teacher(tiny, tmp_path):
+    ctx, student, tok, renderer, rows, batch = context(tiny, tmp_path, **{"lambda": 0.0, "seq_kd": True,
+                                                                           "temperature": 0.0, "max_new_tokens": 5})
+    method = build_method("on_policy", ctx)
+    out = method.prepare_batch(batch, StudentLM(student))
+    assert out["source"] == "teacher"
+    prompts = [renderer.prompt_ids(e) for e in rows]
+    b = collate_prompts(prompts, tok.pad_token_id)
+    ref = ctx.teacher.model.generate(**b, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id,
+                                     eos_token_id=tok.eos_token_id)[:, b["input_ids"].shape[1]:]
+    for i, p in enumerate(prompts):
+        n = int(out["attention_mask"][i].sum())
+        assert out["input_ids"][i, len(p): n].tolist() == cut_at_eos(ref[i].tolist(), {tok.eos_token_id})
+    s = method.summary()
+    assert s["teacher_sampled_batches"] == 1 and s["on_policy_fraction"] == 0.0

@@ -63,7 +63,9 @@ def test_filter_keeps_the_teacher_best_candidates(tiny, tmp_path):
 
 def test_self_distill_rounds_change_the_model_and_write_data(tiny, tmp_path):
     out = tmp_path / "s"
-    cfg = fast(tiny, out, method="self_distill",
+    prompts = tmp_path / "prompts.jsonl"  # prompt-only rows: the model writes the answers
+    prompts.write_text("".join(json.dumps({"id": r["id"], "prompt": r["prompt"]}) + "\n" for r in read(tiny / "train.jsonl")))
+    cfg = fast(tiny, out, method="self_distill", data={"train": str(prompts)},
                self_distill={"iterations": 2, "n": 2, "keep_fraction": 0.5, "max_new_tokens": 6, "prompts_per_round": 6})
     rep = run(load_config(base=cfg), progress=False)
     root = out / "self_distill"

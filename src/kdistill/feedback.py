@@ -211,11 +211,25 @@ class JsonlStore:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def fill(self, items: list, key_of: Callable, make: Callable[[list], list[dict]], batch_size: int) -> list[dict]:
-        """Run ``make`` on the items not stored yet, ``batch_size`` at a time; all rows in item order."""
+    def fill(self, items: list, key_of: Callable, make: Callable[[list], list[dict]], batch_size: int,
+             desc: Optional[str] = None) -> list[dict]:
+        """Run ``make`` on the items not stored yet, ``batch_size`` at a time; all rows in item order.
+
+        With ``desc``, a progress bar counts done/total items.
+        """
         todo = [it for it in items if key_of(it) not in self.rows]
+        bar = None
+        if desc is not None and todo:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, unit="prompt", dynamic_ncols=True)
         for i in range(0, len(todo), batch_size):
-            self.append(make(todo[i : i + batch_size]))
+            chunk = todo[i : i + batch_size]
+            self.append(make(chunk))
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
         return [self.rows[key_of(it)] for it in items]
 
 

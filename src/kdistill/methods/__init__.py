@@ -17,12 +17,21 @@ from kdistill.methods.base import Method, RunContext
 _REGISTRY: dict[str, Callable[[RunContext], Method]] = {}
 
 
-def register(name: str):
+def register(name: str, needs_responses: bool = True):
+    """``needs_responses=False``: the method writes its own answers, so prompt-only rows are fine."""
+
     def deco(factory):
         _REGISTRY[name] = factory
+        factory.needs_responses = needs_responses
         return factory
 
     return deco
+
+
+def needs_responses(name: str) -> bool:
+    """Whether ``method: name`` trains on the dataset's responses (unknown names: True)."""
+    _load_builtin()
+    return getattr(_REGISTRY.get(name), "needs_responses", True)
 
 
 def build_method(name: str, ctx: RunContext) -> Method:

@@ -110,7 +110,7 @@ class RoundsMethod(Method):
             items = random.Random(self.ctx.cfg.train.seed * 1000 + r).sample(items, k)
         return items
 
-    def _candidates(self, student, r: int, rdir: Path) -> list[dict]:
+    def _candidates(self, student, r: int, rdir: Path, progress: bool = False) -> list[dict]:
         ctx, sc = self.ctx, self.sc
         tok, renderer, max_len = ctx.tokenizer, ctx.renderer, ctx.cfg.data.max_length
         kind = self.scorer_kind()
@@ -141,7 +141,8 @@ class RoundsMethod(Method):
                 rows.append({"id": e.id, "prompt": e.prompt, "prompt_ids": prompt_ids[j], "candidates": cands})
             return rows
 
-        return store.fill(self._prompts(r), lambda e: e.id, make, ctx.cfg.eval.batch_size)
+        return store.fill(self._prompts(r), lambda e: e.id, make, ctx.cfg.eval.batch_size,
+                          desc=f"round {r} candidates" if progress else None)
 
     def fit(self, student, runner):
         out = Path(self.ctx.output_dir) / self.name
@@ -160,7 +161,7 @@ class RoundsMethod(Method):
                 resumed = resumed or f"round {r} (finished earlier)"
                 continue
             runner.say(f"{self.name} round {r}/{self.n_rounds()}: sampling {self.sc.n} candidates per prompt")
-            rows = self._candidates(student, r, rdir)
+            rows = self._candidates(student, r, rdir, runner.progress)
             kept = self.select(rows)
             kept_rows = [{"id": f"{row['id']}#{k}", "prompt_id": row["id"], "prompt": row["prompt"],
                           "response": row["candidates"][k]["text"], "score": row["candidates"][k]["score"],
@@ -238,11 +239,11 @@ class SelfDistill(RoundsMethod):
         return flat[:n]
 
 
-@register("on_policy_filter")
+@register("on_policy_filter", needs_responses=False)
 def _build_filter(ctx: RunContext) -> OnPolicyFilter:
     return OnPolicyFilter(ctx)
 
 
-@register("self_distill")
+@register("self_distill", needs_responses=False)
 def _build_self(ctx: RunContext) -> SelfDistill:
     return SelfDistill(ctx)

@@ -106,7 +106,8 @@ class Zephyr(Method):
             feats, _ = encode_examples(renderer, given)
         else:
             rows = JsonlStore(sdir / "teacher.jsonl").fill(ctx.train_examples, lambda e: e.id, answer,
-                                                           ctx.cfg.eval.batch_size)
+                                                           ctx.cfg.eval.batch_size,
+                                                           desc="teacher answers" if runner.progress else None)
             feats = [completion_feature(r["prompt_ids"], r["completion_ids"], r["id"], max_len) for r in rows]
         runner.say(f"zephyr 1/3 dSFT: training on {len(feats)} teacher answers")
         student, result = runner.train(student, Method(ctx), feats, sdir,
@@ -168,7 +169,8 @@ class Zephyr(Method):
             return [{"id": e.id, "prompt": e.prompt, "messages": e.messages, "candidates": cs}
                     for e, cs in zip(examples, cands)]
 
-        rows = JsonlStore(fdir / "candidates.jsonl").fill(prompts, lambda e: e.id, rate, ctx.cfg.eval.batch_size)
+        rows = JsonlStore(fdir / "candidates.jsonl").fill(prompts, lambda e: e.id, rate, ctx.cfg.eval.batch_size,
+                                                          desc="AI feedback" if runner.progress else None)
         pairs, ties = [], 0
         for row in rows:
             cs = sorted(row["candidates"], key=lambda c: -c["score"])
@@ -263,6 +265,6 @@ class Zephyr(Method):
         }
 
 
-@register("zephyr")
+@register("zephyr", needs_responses=False)
 def _build(ctx: RunContext) -> Zephyr:
     return Zephyr(ctx)
