@@ -70,16 +70,21 @@ def _renderer(cfg: Config, tokenizer) -> Renderer:
 
 
 def load_models(cfg: Config, train_rows: list[Example], output_dir: Path, say: Callable[[str], None] = log.info) -> Models:
-    """Teacher, student (loaded or cut from the teacher) and the shared vocabulary size."""
-    if cfg.teacher.model is None:
-        raise ConfigError("teacher.model: required for this method (hub id, folder, .gguf file, or 'demo')")
+    """Teacher, student (loaded or cut from the teacher) and the shared vocabulary size.
+
+    The teacher is the first configured teacher with a ``model``; when every teacher is an offline
+    cache, no teacher model is loaded (``Models.teacher`` is None, see :mod:`kdistill.teachers.build`).
+    """
+    from kdistill.teachers.build import load_student_only, primary_teacher
+
+    tc = primary_teacher(cfg)
+    if tc is None:
+        return load_student_only(cfg, say)
     if cfg.student is None:
         raise ConfigError("student: required key is missing (student.model, or student.init to cut one from the teacher)")
     t0 = time.time()
-    teacher, tok = load_model(
-        cfg.teacher.model, "teacher.model", cfg.teacher.dtype, cfg.teacher.revision, cfg.teacher.trust_remote_code
-    )
-    say(f"teacher {cfg.teacher.model}: {count_params(teacher):,} parameters, {num_layers_safe(teacher)} layers ({time.time() - t0:.1f} s)")
+    teacher, tok = load_model(tc.model, "teacher.model", tc.dtype, tc.revision, tc.trust_remote_code)
+    say(f"teacher {tc.model}: {count_params(teacher):,} parameters, {num_layers_safe(teacher)} layers ({time.time() - t0:.1f} s)")
     layers = None
     if cfg.student.model is not None:
         student, s_tok = load_model(
@@ -106,12 +111,12 @@ def load_models(cfg: Config, train_rows: list[Example], output_dir: Path, say: C
         if cfg.student.dtype not in ("auto", "float32"):
             student.to(getattr(torch, cfg.student.dtype))
         s_tok = tok
-        student_name = f"{cfg.teacher.model} [layers {_ranges(layers)}]"
+        student_name = f"{tc.model} [layers {_ranges(layers)}]"
         say(f"student cut from the teacher: {len(layers)} of {n_total} layers {layers}")
     vocab = check_vocab(tok, s_tok, teacher, student)
     if cfg.student.freeze_embeddings:
         student.get_input_embeddings().weight.requires_grad_(False)
-    return Models(teacher, student, tok, vocab, cfg.teacher.model, student_name, layers)
+    return Models(teacher, student, tok, vocab, tc.model, student_name, layers)
 
 
 def num_layers_safe(model) -> str:
@@ -168,7 +173,7 @@ def _cached(path: Path, fn: Callable[[], dict]) -> dict:
 
 def _headline(rep: dict) -> str:
     s, t = rep["student"], rep["teacher"]
-    share = s["params"] / t["params"]
+    share = s["params"] / t["params"] if t.get("params") else float("nan")
     ret = rep["retention"]
     if "accuracy" in ret and ret["accuracy"] is not None:
         return (
@@ -184,7 +189,8 @@ def build_report(cfg: Config, m: Models, teacher_ev: dict, initial_ev: Optional[
                  eval_rows: list[Example], speed: dict, training: Optional[dict], method_summary: Optional[dict]) -> dict:
     rep: dict = {
         "method": cfg.method,
-        "teacher": {"name": m.teacher_name, "params": count_params(m.teacher), "metrics": teacher_ev["metrics"]},
+        "teacher": {"name": m.teacher_name, "metrics": teacher_ev["metrics"],
+                    "params": count_params(m.teacher) if m.teacher is not None else m.extra.get("teacher_params")},
         "student": {"name": m.student_name, "params": count_params(m.student), "metrics": final_ev["metrics"],
                     "teacher_layers": m.teacher_layers},
         "eval_rows": len(eval_rows),
@@ -223,7 +229,8 @@ def _speed(m: Models, renderer: Renderer, eval_rows: list[Example], cfg: Config,
         return {}
     prompts = [renderer.prompt_ids(e) for e in eval_rows[:n]]
     return {
-        "teacher": measure_speed(m.teacher, m.tokenizer, prompts, cfg.eval.speed_new_tokens, device),
+        **({"teacher": measure_speed(m.teacher, m.tokenizer, prompts, cfg.eval.speed_new_tokens, device)}
+           if m.teacher is not None else {}),
         "student": measure_speed(m.student, m.tokenizer, prompts, cfg.eval.speed_new_tokens, device),
     }
 
@@ -254,7 +261,8 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision)
     device = acc.device
     m = load_models(cfg, train_rows, out, say)
-    m.teacher.to(device)
+    if m.teacher is not None:
+        m.teacher.to(device)
     m.student.to(device)
     renderer = _renderer(cfg, m.tokenizer)
     feats, n_empty = encode_examples(renderer, train_rows)
@@ -267,9 +275,9 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
     if not feats and not prompts_only:
         raise DataError(f"{cfg.data.train}: no row has response tokens within data.max_length={cfg.data.max_length}")
 
-    from kdistill.teachers import LocalTeacher
+    from kdistill.teachers.build import build_teacher, reload_teacher, uses_model
 
-    teacher = LocalTeacher(m.teacher, m.vocab_size, name=m.teacher_name)
+    teacher = build_teacher(cfg, m, feats, device, say)  # a local model, an offline cache, or several
     ctx = RunContext(cfg=cfg, tokenizer=m.tokenizer, teacher=teacher, vocab_size=m.vocab_size, output_dir=out,
                      device=device, renderer=renderer, train_examples=train_rows)
     try:
@@ -280,10 +288,21 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
 
     if acc.is_main_process:
         say(f"evaluating the teacher and the initial student on {len(eval_rows)} held-out rows")
-    teacher_ev = _cached(out / "eval_teacher.json",
-                         lambda: model_metrics(m.teacher, m, cfg, eval_renderer, eval_rows, eval_feats, False, device))
+    if m.teacher is None:  # trained from a cache only: no teacher model to measure
+        teacher_ev = {"metrics": {}, "outputs": []}
+    else:
+        teacher_ev = _cached(out / "eval_teacher.json",
+                             lambda: model_metrics(m.teacher, m, cfg, eval_renderer, eval_rows, eval_feats, False, device))
     initial_ev = _cached(out / "eval_student_initial.json",
                          lambda: model_metrics(m.student, m, cfg, eval_renderer, eval_rows, eval_feats, True, device))
+    freed_teacher = m.teacher is not None and not uses_model(teacher, m.teacher)
+    if freed_teacher:  # the signal comes from a cache: train without the teacher model in memory
+        import gc
+
+        m.extra["teacher_params"] = count_params(m.teacher)
+        m.teacher = None
+        gc.collect()
+        say("teacher model freed for training (signal from the cache); it is reloaded for the final evaluation")
 
     say(f"training ({cfg.method}, {cfg.loss.divergence}, T={cfg.loss.temperature}, alpha={cfg.loss.alpha}) on {len(feats)} rows")
     from kdistill.stages import StageRunner
@@ -304,10 +323,16 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
             "truncated_rows": truncated,
         }
     m.student = student
+    if freed_teacher:
+        m.teacher = reload_teacher(cfg, device)
 
     final_ev = model_metrics(student, m, cfg, eval_renderer, eval_rows, eval_feats, True, device)
     speed = _speed(m, eval_renderer, eval_rows, cfg, device) if acc.is_main_process else {}
     rep = build_report(cfg, m, teacher_ev, initial_ev, final_ev, eval_rows, speed, training, method.summary())
+    if m.teacher is None:
+        why = "trained from an offline teacher cache without teacher.model"
+        rep.setdefault("unavailable", {}).update(
+            {"teacher metrics": why, "kl_to_teacher": why, "top1_agreement": why, "retention": why})
     if acc.is_main_process:
         sdir = out / "student"
         student.save_pretrained(str(sdir))
