@@ -25,7 +25,7 @@ def server(monkeypatch):
 
 def api(server, **kw) -> ApiTeacher:
     base = dict(base_url=server.base_url if server else f"http://127.0.0.1:{free_port()}/v1", model="teacher-x",
-                api_key_env="KD_TEST_KEY", max_concurrency=4, timeout=0.5, max_retries=3, backoff_base=0.01,
+                api_key_env="KD_TEST_KEY", max_concurrency=4, timeout=30, max_retries=3, backoff_base=0.01,
                 backoff_max=0.05)
     base.update(kw)
     return ApiTeacher(TeacherApiConfig(**base))
@@ -38,13 +38,10 @@ def jobs(*prompts):
 def test_success_and_concurrency_overlaps(server):
     server.delay = 0.1
     t = api(server, max_concurrency=4)
-    t0 = time.time()
     out = t.complete_many(jobs(*[f"q{i}" for i in range(16)]))
-    dt = time.time() - t0
     assert [c.text for c in out] == [f"echo: q{i}" for i in range(16)]
     assert all(c.finish_reason == "stop" for c in out)
     assert 2 <= server.max_in_flight <= 4  # requests really overlapped, never more than max_concurrency
-    assert dt < 16 * 0.1  # faster than one at a time
     assert t.summary()["retries"] == 0
 
 
@@ -62,8 +59,8 @@ def test_retries_500_and_429_with_retry_after(server):
 
 def test_timeout_malformed_and_empty_are_retried(server):
     server.plan = {"slow": ["timeout"], "bad": ["malformed", "nochoices"], "blank": ["empty"]}
-    server.timeout_sleep = 1.0
-    t = api(server, timeout=0.3)
+    server.timeout_sleep = 6.0
+    t = api(server, timeout=2.0)
     out = t.complete_many(jobs("slow", "bad", "blank"))
     assert [c.text for c in out] == ["echo: slow", "echo: bad", "echo: blank"]
     assert [c.attempts for c in out] == [2, 3, 2]
@@ -80,11 +77,11 @@ def test_always_empty_is_a_failure_not_an_answer(server):
 
 def test_wrong_key_fails_at_once(server, monkeypatch):
     monkeypatch.setenv("KD_TEST_KEY", "sk-wrong-key-123")
-    t = api(server, max_retries=6, backoff_base=5)
+    t = api(server, max_retries=6, backoff_base=30, backoff_max=60)
     t0 = time.time()
     with pytest.raises(ApiError) as err:
         t.complete_many(jobs(*[f"q{i}" for i in range(20)]))
-    assert time.time() - t0 < 2
+    assert time.time() - t0 < 15  # a single retry would have slept >= 15 s
     msg = str(err.value)
     assert "401" in msg and "KD_TEST_KEY" in msg and "sk-wrong-key-123" not in msg
     assert len(server.requests) == 0  # refused before a single prompt was served
@@ -92,18 +89,18 @@ def test_wrong_key_fails_at_once(server, monkeypatch):
 
 
 def test_unknown_model_fails_at_once(server):
-    t = api(server, model="no-such-model", max_retries=6, backoff_base=5)
+    t = api(server, model="no-such-model", max_retries=6, backoff_base=30, backoff_max=60)
     with pytest.raises(ApiError, match="404.*no-such-model"):
         t.complete_many(jobs("a", "b", "c"))
 
 
 def test_unreachable_fails_at_once(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    t = api(None, api_key_env=None, max_retries=6, backoff_base=5)
+    t = api(None, api_key_env=None, max_retries=6, backoff_base=30, backoff_max=60)
     t0 = time.time()
     with pytest.raises(ApiError, match="cannot reach"):
         t.complete_many(jobs("a", "b"))
-    assert time.time() - t0 < 2
+    assert time.time() - t0 < 15  # a single retry would have slept >= 15 s
 
 
 def test_missing_key_variable_is_a_config_error(monkeypatch):

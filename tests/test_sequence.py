@@ -103,7 +103,7 @@ def test_sequence_api_teacher_other_tokenizer_generate_filters_judge(tiny, tmp_p
     out = tmp_path / "run"
     cfg = base_config(tiny, out, method="sequence", train={"max_steps": 3}, eval={"speed_prompts": 0})
     cfg["teacher"] = {"api": {"base_url": srv.base_url, "model": "big", "api_key_env": "KD_SEQ_KEY", "max_concurrency": 4,
-                              "timeout": 5, "max_retries": 2, "backoff_base": 0.01}}
+                              "timeout": 30, "max_retries": 2, "backoff_base": 0.01}}
     cfg["student"] = {"model": str(tiny / "other_student")}  # a different tokenizer: fine for sequence KD
     cfg["data"] = {"eval": str(tiny / "eval.jsonl"), "max_length": 64}
     cfg["generate"] = {"prompts": str(tmp_path / "prompts.jsonl"), "temperature": 0.0, "max_new_tokens": 16}
@@ -190,3 +190,23 @@ def test_eval_only_without_a_teacher(tiny, tmp_path):
     rep = json.loads((out / "report.json").read_text())
     assert "perplexity" in rep["student"]["metrics"] and rep["teacher"]["params"] is None
     assert "not measured" in (out / "report.md").read_text()
+
+
+def test_local_teacher_generates_at_run_time_for_a_student_with_another_tokenizer(tiny, tmp_path):
+    out = tmp_path / "run"
+    cfg = base_config(tiny, out, method="sequence", train={"max_steps": 2}, eval={"speed_prompts": 0, "generate": False})
+    cfg["student"] = {"model": str(tiny / "other_student")}
+    write_jsonl(tmp_path / "train.jsonl", make_rows(20, 3))
+    cfg["data"] = {"train": str(tmp_path / "train.jsonl"), "eval": str(tiny / "eval.jsonl"), "max_length": 64}
+    cfg["generate"] = {"max_new_tokens": 6, "temperature": 0.0, "batch_size": 10}  # prompts: data.train's
+    cfg["filters"] = {"truncated": False}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(tmp_path / "c.yaml"), "--no-progress"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["generation"]["total"] == 20 and rep["generation"]["complete"]
+    written = [json.loads(l) for l in (out / "teacher.jsonl").read_text().splitlines()]
+    assert all(r["teacher"] == str(tiny / "teacher") and r["finish_reason"] in ("stop", "length") for r in written)
+    # a local teacher with another tokenizer: its own perplexity and accuracy, no token-level comparison
+    assert "perplexity" in rep["teacher"]["metrics"] and "perplexity" in rep["student"]["metrics"]
+    assert set(rep["unavailable"]) == {"kl_to_teacher", "top1_agreement", "perplexity"}
+    assert rep["retention"]["perplexity"] is None

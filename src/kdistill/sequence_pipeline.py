@@ -256,6 +256,8 @@ def run_sequence(cfg: Config, say: Callable[[str], None] = log.info, progress: b
             t_ev = _cached(out / "eval_teacher.json", lambda: _metrics(t_model, t_tok, cfg, eval_rows, t_feats, device=device))
             unavailable["kl_to_teacher"] = unavailable["top1_agreement"] = \
                 "teacher and student tokenizers differ (no token-level comparison)"
+            unavailable["perplexity"] = "per-token perplexities under different tokenizers are not comparable " \
+                "(each model's own perplexity is still reported)"
     elif cfg.teacher.api is not None:
         try:
             api_m, api_out = _api_accuracy(cfg, eval_rows, out)
