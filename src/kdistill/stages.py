@@ -68,3 +68,13 @@ def train_config(tcfg, **changes):
     if "max_steps" in changes:
         changes.setdefault("epochs", None)
     return tcfg.model_copy(update=changes)
+
+
+def require_single_process(method: str) -> None:
+    """Multi-pass methods generate and write their stage files from one process (not sharded yet)."""
+    from accelerate import PartialState
+
+    n = PartialState().num_processes
+    if n > 1:
+        raise ValueError(f"{method} runs its generation stages in one process; launch it without "
+                         f"accelerate's multi-process mode (got {n} processes)")

@@ -25,7 +25,7 @@ from kdistill.feedback import hf_model, load_saved, mark_done, save_model, stage
 from kdistill.losses import dpo_loss, sequence_logprobs
 from kdistill.methods import register
 from kdistill.methods.base import Method, RunContext
-from kdistill.stages import train_config
+from kdistill.stages import require_single_process, train_config
 
 
 def encode_pair(renderer, example: Example, chosen: str, rejected: str, pair_id: str) -> Optional[dict]:
@@ -170,6 +170,7 @@ class StandaloneDPO(DPOMethod):
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
         self.stage: dict = {}
+        require_single_process("dpo")
 
     def fit(self, student, runner):
         cfg = self.ctx.cfg

@@ -48,6 +48,7 @@ from kdistill.feedback import (
 )
 from kdistill.methods import register
 from kdistill.methods.base import Method, RunContext
+from kdistill.stages import require_single_process
 
 
 def judge_renderer(ctx: RunContext) -> Renderer:
@@ -87,6 +88,7 @@ class RoundsMethod(Method):
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
         self.sc = getattr(ctx.cfg, self.name)
+        require_single_process(self.name)
         self.rounds: list[dict] = []
         if self.scorer_kind() != "self":
             teacher_model(ctx, f"{self.name} with scorer {self.scorer_kind()}")

@@ -51,7 +51,7 @@ from kdistill.methods import register
 from kdistill.methods.base import Method, RunContext
 from kdistill.methods.dpo import dpo_stage, encode_pair
 from kdistill.methods.rounds import score_candidates, teacher_model
-from kdistill.stages import train_config
+from kdistill.stages import require_single_process, train_config
 
 
 def _example(row: dict) -> Example:
@@ -72,6 +72,7 @@ class Zephyr(Method):
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
         self.zc = ctx.cfg.zephyr
+        require_single_process("zephyr")
         self.teacher = teacher_model(ctx, "zephyr")
         self.stages: dict = {}
         self.root = Path(ctx.output_dir) / "zephyr"
