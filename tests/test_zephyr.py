@@ -94,3 +94,23 @@ def test_zephyr_runs_all_stages_and_each_resumes(tiny, tmp_path, monkeypatch):
     assert "kl_to_teacher" in st["sft"]["heldout"] and "kl_to_teacher" in st["dpo"]["heldout"]
     assert rep["training"]["steps"] == 8 and "retention" in rep
     assert (out / "student" / "model.safetensors").is_file() and "win_rate_vs_dsft" in (out / "report.md").read_text()
+
+
+def test_judge_score_is_the_expected_rating(tiny):
+    import torch
+
+    from kdistill.data import Example, Renderer
+    from kdistill.feedback import DEFAULT_JUDGE_TEMPLATE, judge_scores, rating_token_ids
+    from kdistill.models import load_model
+
+    teacher, tok = load_model(str(tiny / "teacher"))
+    renderer = Renderer(tok, 512)
+    prompts, answers = ["what is the first name alpha beta", "what is the first name kilo lima"], ["alpha", "zulu zulu"]
+    got = judge_scores(teacher, tok, renderer, prompts, answers, DEFAULT_JUDGE_TEMPLATE, scale=5)
+    ids = rating_token_ids(tok, 5)
+    for p, a, g in zip(prompts, answers, got):  # one at a time, no padding, by hand
+        text = DEFAULT_JUDGE_TEMPLATE.format(prompt=p, answer=a, scale=5)
+        x = torch.tensor([renderer.prompt_ids(Example(id="", messages=[{"role": "user", "content": text}], response=None))])
+        with torch.no_grad():
+            probs = torch.softmax(teacher(input_ids=x).logits[0, -1, ids].float(), -1)
+        assert g == pytest.approx(float((probs * torch.arange(1, 6)).sum()), abs=1e-5)
