@@ -94,6 +94,9 @@ def test_zephyr_runs_all_stages_and_each_resumes(tiny, tmp_path, monkeypatch):
     assert "kl_to_teacher" in st["sft"]["heldout"] and "kl_to_teacher" in st["dpo"]["heldout"]
     assert rep["training"]["steps"] == 8 and "retention" in rep
     assert (out / "student" / "model.safetensors").is_file() and "win_rate_vs_dsft" in (out / "report.md").read_text()
+    steps = read(out / "metrics.jsonl")  # both training passes, one step axis, for the loss plot
+    assert [r["step"] for r in steps] == list(range(1, 9)) and {r["stage"] for r in steps} == {"dsft", "ddpo"}
+    assert "loss.png" in rep["plots"]
 
 
 def test_judge_score_is_the_expected_rating(tiny):

@@ -78,3 +78,21 @@ def require_single_process(method: str) -> None:
     if n > 1:
         raise ValueError(f"{method} runs its generation stages in one process; launch it without "
                          f"accelerate's multi-process mode (got {n} processes)")
+
+
+def combine_metrics(output_dir: Path, passes: list[tuple[str, Path]]) -> None:
+    """``output_dir/metrics.jsonl`` from each pass's own, steps numbered on, each row tagged with
+    its ``stage`` (so the report's loss plot covers the whole run)."""
+    import json
+
+    rows, offset = [], 0
+    for name, folder in passes:
+        p = Path(folder) / "metrics.jsonl"
+        if not p.is_file():
+            continue
+        part = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
+        for r in part:
+            rows.append({**r, "step": r["step"] + offset, "stage": name})
+        offset += max((r["step"] for r in part), default=0)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -25,7 +25,7 @@ from kdistill.feedback import hf_model, load_saved, mark_done, save_model, stage
 from kdistill.losses import dpo_loss, sequence_logprobs
 from kdistill.methods import register
 from kdistill.methods.base import Method, RunContext
-from kdistill.stages import require_single_process, train_config
+from kdistill.stages import combine_metrics, require_single_process, train_config
 
 
 def encode_pair(renderer, example: Example, chosen: str, rejected: str, pair_id: str) -> Optional[dict]:
@@ -192,6 +192,7 @@ class StandaloneDPO(DPOMethod):
         student, self.stage = dpo_stage(self.ctx, runner, student, reference, pairs, Path(self.ctx.output_dir) / "dpo",
                                         self.beta, self.label_smoothing, tcfg)
         self.stage["pairs_skipped_max_length"] = skipped
+        combine_metrics(self.ctx.output_dir, [("dpo", Path(self.ctx.output_dir) / "dpo")])
         del reference
         return student, {"steps": self.stage["steps"], "seconds": self.stage["seconds"], "train_rows": len(pairs),
                          "resumed_from": self.stage.get("resumed_from"), "stopped_early": False}

@@ -48,7 +48,7 @@ from kdistill.feedback import (
 )
 from kdistill.methods import register
 from kdistill.methods.base import Method, RunContext
-from kdistill.stages import require_single_process
+from kdistill.stages import combine_metrics, require_single_process
 
 
 def judge_renderer(ctx: RunContext) -> Renderer:
@@ -194,6 +194,7 @@ class RoundsMethod(Method):
             self.rounds.append(summary)
             steps += result.steps
             n_kept_total += len(kept_rows)
+        combine_metrics(self.ctx.output_dir, [(f"round-{r}", out / f"round-{r}") for r in range(1, self.n_rounds() + 1)])
         return student, {"steps": steps, "seconds": round(time.time() - t0, 1), "train_rows": n_kept_total,
                          "resumed_from": resumed, "stopped_early": False, "rounds": self.n_rounds()}
 

@@ -51,7 +51,7 @@ from kdistill.methods import register
 from kdistill.methods.base import Method, RunContext
 from kdistill.methods.dpo import dpo_stage, encode_pair
 from kdistill.methods.rounds import score_candidates, teacher_model
-from kdistill.stages import require_single_process, train_config
+from kdistill.stages import combine_metrics, require_single_process, train_config
 
 
 def _example(row: dict) -> Example:
@@ -248,6 +248,7 @@ class Zephyr(Method):
         self.stages["dpo"]["pairs_skipped_max_length"] = skipped
         self.stages["win_rate_vs_dsft"] = self.win_rate(student, dsft, runner)
         del dsft
+        combine_metrics(ctx.output_dir, [("dsft", self.root / "1-sft"), ("ddpo", self.root / "3-dpo")])
         resumed = [k for k in ("sft", "dpo") if self.stages[k].get("resumed_from")]
         return student, {"steps": self.stages["sft"]["steps"] + self.stages["dpo"]["steps"],
                          "seconds": round(time.time() - t0, 1), "train_rows": self.stages["sft"]["teacher_answers"],
