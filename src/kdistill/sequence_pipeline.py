@@ -205,7 +205,9 @@ def run_sequence(cfg: Config, say: Callable[[str], None] = log.info, progress: b
     if cfg.generate is not None and train:
         from kdistill.generate import generate
 
-        gen_summary = generate(cfg, say, progress, local=local if cfg.teacher.api is None else None)
+        with acc.main_process_first():  # one process pays; the others then find every row answered
+            gen_summary = generate(cfg, say, progress and acc.is_main_process,
+                                   local=local if cfg.teacher.api is None else None)
         train_path = gen_summary["output"]
     train_rows, eval_rows = _rows(cfg, train_path, require_train=train)
 
@@ -214,7 +216,8 @@ def run_sequence(cfg: Config, say: Callable[[str], None] = log.info, progress: b
     if train:
         judge = make_judge(cfg, local) if cfg.filters.judge is not None else None
         n0 = len(train_rows)
-        train_rows, filter_report = apply_filters(train_rows, cfg.filters, judge, out / "judge_scores.jsonl", say)
+        with acc.main_process_first():  # judge scores are cached: asked once
+            train_rows, filter_report = apply_filters(train_rows, cfg.filters, judge, out / "judge_scores.jsonl", say)
         dropped = {k: v for k, v in filter_report["dropped"].items() if v}
         say(f"filters: kept {len(train_rows)} of {n0} teacher-written rows"
             + (f" (dropped {', '.join(f'{k} {v}' for k, v in dropped.items())})" if dropped else ""))
@@ -260,7 +263,8 @@ def run_sequence(cfg: Config, say: Callable[[str], None] = log.info, progress: b
                 "(each model's own perplexity is still reported)"
     elif cfg.teacher.api is not None:
         try:
-            api_m, api_out = _api_accuracy(cfg, eval_rows, out)
+            with acc.main_process_first():  # answers are cached: asked once
+                api_m, api_out = _api_accuracy(cfg, eval_rows, out)
         except ApiError as exc:
             say(f"the API teacher could not be evaluated: {exc}")
             api_m, api_out = None, []
