@@ -25,6 +25,7 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/losses.py
+	$(PY) benchmarks/cache.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

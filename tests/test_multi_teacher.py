@@ -104,15 +104,17 @@ def test_teacher_and_teachers_together_refused(tiny, tmp_path, capsys):
     assert "set either teacher or teachers" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("mix", ["mixture", "sum"])
-def test_run_live_and_cached_teachers(tiny, tiny_cache, tmp_path, mix):
-    """A live teacher and a cached one (top-k union mixture or summed divergences), end to end."""
+@pytest.mark.parametrize("mix,second", [("mixture", "cache"), ("sum", "cache"), ("mixture", "live")])
+def test_run_two_teachers(tiny, tiny_cache, tmp_path, mix, second):
+    """A live teacher plus a cached one (top-k union mixture, or summed divergences), or plus a
+    second live model (full-distribution mixture), end to end."""
     path, _ = tiny_cache
     out = tmp_path / "run"
     cfg = base_config(tiny, out, train={"max_steps": 2}, loss={"teacher_mix": mix},
                       eval={"generate": False, "speed_prompts": 0})
     cfg["teacher"] = {}
-    cfg["teachers"] = [{"model": str(tiny / "teacher"), "weight": 2.0}, {"cache": str(path), "weight": 1.0}]
+    other = {"cache": str(path)} if second == "cache" else {"model": str(tiny / "student")}
+    cfg["teachers"] = [{"model": str(tiny / "teacher"), "weight": 2.0}, {**other, "weight": 1.0}]
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["run", str(tmp_path / "c.yaml"), "--no-progress"]) == 0
     rep = json.loads((out / "report.json").read_text())
