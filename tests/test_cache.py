@@ -276,3 +276,15 @@ def test_run_from_cache_with_teacher_for_student_and_eval(tiny, tiny_cache, tmp_
     assert "perplexity" in rep["teacher"]["metrics"] and "unavailable" not in rep
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
+
+
+def test_cache_refused_for_methods_that_train_on_other_sequences(tiny, tiny_cache, tmp_path):
+    from types import SimpleNamespace
+
+    from kdistill.errors import ConfigError
+    from kdistill.teachers.build import build_teacher
+
+    path, _ = tiny_cache
+    cfg = load_config(None, [], base=base_config(tiny, tmp_path, method="on_policy", teacher={"cache": str(path)}))
+    with pytest.raises(ConfigError, match="teacher.cache: .*method on_policy trains on other sequences"):
+        build_teacher(cfg, SimpleNamespace(tokenizer=None, vocab_size=0, teacher=None), [])

@@ -23,6 +23,8 @@ from kdistill.errors import ConfigError, ModelError
 
 log = logging.getLogger("kdistill")
 
+CACHE_METHODS = ("logit",)  # methods that train on the dataset's own sequences (what a cache covers)
+
 
 def teacher_configs(cfg) -> list:
     """The configured teachers: ``teachers`` when given, else ``[teacher]``."""
@@ -92,6 +94,11 @@ def build_teacher(cfg, m, features: list[dict], device=None, say: Callable[[str]
     for i, spec in enumerate(specs):
         key = _key(cfg, i)
         if spec.cache is not None:
+            if cfg.method not in CACHE_METHODS:
+                raise ConfigError(
+                    f"{key}.cache: a teacher cache holds the teacher's signal on the dataset's own sequences; method "
+                    f"{cfg.method} trains on other sequences (use {key}.model, or method: {'/'.join(CACHE_METHODS)})"
+                )
             t = CachedTeacher.open(spec.cache, m.tokenizer, m.vocab_size, features, key=f"{key}.cache")
             say(f"{key}: top-{t.top_k} cache {spec.cache} ({len(t.cache):,} rows, "
                 f"{t.cache.bytes_per_token():.0f} bytes/token) checked against {len(features)} training rows")

@@ -49,7 +49,9 @@ class CachedTeacher:
         labels = batch["labels"]
         ids = batch.get("ids")
         if ids is None or any(i is None for i in ids):
-            raise CacheError("a cached teacher needs the rows' ids in the batch (batch['ids'], kept by collate)")
+            raise CacheError(
+                "a cached teacher serves only the dataset's own rows (batch['ids'], kept by collate); this batch has none"
+            )
         B, S = labels.shape
         k = self.top_k
         indices = torch.arange(k, dtype=torch.long).expand(B, S, k).clone()
