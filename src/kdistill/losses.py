@@ -115,33 +115,34 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 # In-place updates below only touch tensors built for the gradient (``grad=True`` runs without
 # autograd), never one that autograd saved for the plain path.
-def _divergence(kind: str, lt: torch.Tensor, ls: torch.Tensor, beta: float, skew: float, grad: bool = False):
+def _divergence(kind: str, lt: torch.Tensor, ls: torch.Tensor, beta: float, skew: float, grad: bool = False, q=None):
     """``(D [N], g [N, V] or None)`` for finite teacher/student log-probs ``lt``, ``ls`` ``[N, V]``.
 
-    ``g = ∂D/∂ls`` up to a multiple of Q per row (which the softmax Jacobian cancels).
+    ``g = ∂D/∂ls`` up to a multiple of Q per row (which the softmax Jacobian cancels); ``q``:
+    ``ls.exp()`` when the caller already has it.
     """
     if kind == "jsd" and beta in (0.0, 1.0):  # TRL's endpoints
         kind = "forward_kl" if beta == 0.0 else "reverse_kl"
+    q = ls.exp() if q is None and kind != "forward_kl" else q
     if kind == "forward_kl":  # Σ p·(lt − ls);  g = −p
         p = lt.exp()
         return _dot(p, lt - ls), (p.neg_() if grad else None)
     if kind == "reverse_kl":  # Σ q·(ls − lt);  g = q·(ls − lt)  (+q)
-        r = (ls - lt) * ls.exp()
+        r = (ls - lt) * q
         return r.sum(-1), (r if grad else None)
     if kind == "jsd":  # g = (1−β)·q·(ls − lm)  (+ const·q)
         lm = _log_mix(lt, ls, beta)
-        r = (ls - lm) * ls.exp()
+        r = (ls - lm) * q
         return beta * _dot(lt.exp(), lt - lm) + (1.0 - beta) * r.sum(-1), (r.mul_(1.0 - beta) if grad else None)
     if kind == "skew_forward_kl":  # m = αp + (1−α)q;  g = −(1−α)·p·q/m
         lm = _log_mix(lt, ls, skew)
         return _dot(lt.exp(), lt - lm), (torch.exp(lt + ls - lm).mul_(skew - 1.0) if grad else None)
     if kind == "skew_reverse_kl":  # m = (1−α)p + αq;  g = q·(ls − lm) − α·q²/m  (+q)
         lm = _log_mix(ls, lt, skew)
-        r = (ls - lm) * ls.exp()
+        r = (ls - lm) * q
         return r.sum(-1), (r.sub_(torch.exp(2.0 * ls - lm).mul_(skew)) if grad else None)
     if kind == "tvd":  # ½·Σ|q − p|;  g = ½·q·sign(q − p)
-        q = ls.exp()
-        diff = q - lt.exp()
+        diff = lt.exp().neg_().add_(q) if grad else q - lt.exp()
         return 0.5 * diff.abs().sum(-1), (diff.sign_().mul_(q).mul_(0.5) if grad else None)
     raise ValueError(f"unknown divergence {kind!r}; expected one of {', '.join(DIVERGENCES)}")
 
@@ -229,15 +230,16 @@ def _token_losses(ls, ce_logp, teacher, labels, spec: LossSpec, grad: bool = Fal
     if isinstance(teacher, TopK):
         lt, s_bins, s_rest = _topk_bins(ls, teacher, T)
     else:
-        lt, s_bins = teacher, ls
-    d, g = _divergence(spec.divergence, lt, s_bins, spec.beta, spec.skew, grad)
+        lt, s_bins, s_rest = teacher, ls, None
+    q = ls.exp() if grad else None  # kept for the softmax Jacobian below
+    d, g = _divergence(spec.divergence, lt, s_bins, spec.beta, spec.skew, grad, q=None if s_bins is not ls else q)
     loss = d * ((1.0 - w) * T * T)
     del lt, s_bins
     if grad:
         if isinstance(teacher, TopK):
             g = _topk_grad_to_vocab(g, ls, teacher.indices.long(), s_rest)
         # softmax Jacobian: ∂D/∂z = g − q·Σg, z = logits / T; ∂/∂logits = ∂/∂z / T, times (1−w)·T²
-        g.sub_(ls.exp().mul_(g.sum(-1, keepdim=True))).mul_((1.0 - w) * T)
+        g.addcmul_(q, g.sum(-1, keepdim=True), value=-1.0).mul_((1.0 - w) * T)
     if w > 0.0:
         ce_logp = ls if ce_logp is None else ce_logp
         lab = labels.long().clamp(min=0).unsqueeze(-1)
