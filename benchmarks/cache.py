@@ -1,0 +1,231 @@
+"""Training from the offline teacher cache vs with the live teacher: step time, bytes per token,
+and how close the cached loss is to the uncompressed top-k loss. Run by hand, never as a test:
+
+    nice -n 15 .venv/bin/python benchmarks/cache.py                 # prints a markdown table
+    nice -n 15 .venv/bin/python benchmarks/cache.py --write docs/benchmarks.md
+
+Setup (same run, same data, same student, interleaved steps): the demo teacher
+(SmolLM2-135M-Instruct, 30 layers, vocab 49152) when it is installed, else a synthetic Llama of
+similar shape; a 10-layer student cut from it; demo-task rows rendered with the chat template.
+A step is forward + backward + optimizer step of ``method: logit`` (forward KL, fused loss), with
+the teacher signal from the live model or from the cache (read from disk through the LRU, decoded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _models(args):
+    from kdistill.models import cut_student, load_model
+
+    try:
+        teacher, tok = load_model("demo")
+        name = "SmolLM2-135M-Instruct (demo teacher)"
+    except Exception as exc:  # noqa: BLE001 - fall back to a synthetic model of similar shape
+        print(f"demo teacher unavailable ({exc}); using a synthetic Llama", file=sys.stderr)
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from conftest import make_llama, make_tokenizer
+
+        tok = make_tokenizer(400)
+        teacher = make_llama(len(tok), layers=12, hidden=256)
+        name = "synthetic Llama (12 layers, hidden 256)"
+    n = len(teacher.model.layers)
+    keep = sorted({round(i * (n - 1) / (args.student_layers - 1)) for i in range(args.student_layers)})
+    student = cut_student(teacher, keep)
+    return teacher, student, tok, name
+
+
+def _rows(n: int) -> list[dict]:
+    from kdistill.demo.task import TEMPLATES, make_rows, split_names
+
+    rng = random.Random(0)
+    rows = make_rows(n, split_names()[0], 1, "bench")
+    for r in rows:  # a short answer or a few sentences: a realistic spread of response lengths
+        k = rng.choice([0, 1, 3])
+        r["response"] = r["reference"] if k == 0 else " ".join(
+            rng.choice(TEMPLATES).format(name=r["reference"]) for _ in range(k))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=24)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per mode (after one warm-up step each)")
+    ap.add_argument("--top-k", type=int, default=64)
+    ap.add_argument("--student-layers", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--write", help="replace the 'Teacher cache' section of this markdown file")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    from kdistill.cache import TopKCache, cache_teacher
+    from kdistill.config import load_config
+    from kdistill.data import collate, encode_examples, load_examples
+    from kdistill.losses import DIVERGENCES, TopK, distill_loss
+    from kdistill.methods.base import RunContext, StudentLM
+    from kdistill.methods.logit import LogitMethod
+    from kdistill.models import count_params, output_vocab_size
+    from kdistill.pipeline import _renderer
+    from kdistill.teachers.cache import CachedTeacher
+    from kdistill.teachers.local import LocalTeacher
+
+    teacher, student, tok, tname = _models(args)
+    V = min(output_vocab_size(teacher), len(tok))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(args.rows)))
+        # cache-teacher through its real entry point (the teacher is loaded by spec when it is the demo)
+        spec = "demo" if tname.startswith("SmolLM2") else str(tmp / "teacher")
+        if spec != "demo":
+            teacher.save_pretrained(tmp / "teacher")
+            tok.save_pretrained(tmp / "teacher")
+        cfg = load_config(None, [], base={
+            "output_dir": str(tmp / "run"), "teacher": {"model": spec, "cache": str(tmp / "cache")},
+            "student": {"model": "x"}, "data": {"train": str(tmp / "train.jsonl"), "max_length": 128,
+                                                "system_prompt": "You are a helpful assistant."},
+            "cache": {"top_k": args.top_k, "batch_size": args.batch_size},  # default shard_size (256 rows)
+            "loss": {"divergence": "forward_kl", "alpha": 0.5}, "train": {"num_threads": args.threads},
+        })
+        stats = cache_teacher(cfg, say=lambda m: print(m, file=sys.stderr), progress=False)
+        feats, _ = encode_examples(_renderer(cfg, tok), load_examples(tmp / "train.jsonl"))
+        cached = CachedTeacher.open(tmp / "cache", tok, V, feats)
+        live = LocalTeacher(teacher, V, name=tname)
+        batches = [collate(feats[i : i + args.batch_size], tok.pad_token_id) for i in range(0, len(feats), args.batch_size)]
+        n_tok = [int((b["labels"] != -100).sum()) for b in batches]
+
+        # 1. loss from the cache vs from the live, uncompressed top-k (same student logits)
+        from kdistill.cache import teacher_topk
+
+        b0 = batches[0]
+        keep = b0["labels"] != -100
+        i, l = teacher_topk(teacher, b0, V, args.top_k)
+        ref = TopK(torch.zeros(*keep.shape, args.top_k, dtype=torch.long), torch.zeros(*keep.shape, args.top_k))
+        ref.indices[keep], ref.logprobs[keep] = i, l
+        got = cached.signal(b0).topk
+        with torch.no_grad():
+            s_logits = student(input_ids=b0["input_ids"], attention_mask=b0["attention_mask"]).logits[..., :V]
+            t_logits = teacher(input_ids=b0["input_ids"], attention_mask=b0["attention_mask"]).logits[..., :V]
+        fidelity = {}
+        for d in DIVERGENCES:
+            for T in (1.0, 2.0):
+                a = float(distill_loss(s_logits, None, b0["labels"], divergence=d, temperature=T, teacher_topk=ref))
+                c = float(distill_loss(s_logits, None, b0["labels"], divergence=d, temperature=T, teacher_topk=got))
+                full = float(distill_loss(s_logits, t_logits, b0["labels"], divergence=d, temperature=T))
+                fidelity[(d, T)] = (abs(c - a) / abs(a), a, full)
+
+        # 2. step time, live teacher vs cache, interleaved on the same batches
+        wrapper = StudentLM(student)
+        opt = torch.optim.AdamW([p for p in wrapper.parameters() if p.requires_grad], lr=1e-5)
+        methods = {}
+        for mode, t in (("live", live), ("cache", cached)):
+            ctx = RunContext(cfg=cfg, tokenizer=tok, teacher=t, vocab_size=V, output_dir=tmp)
+            methods[mode] = LogitMethod(ctx)
+        times = {"live": [], "cache": []}
+        signal_times = {"live": [], "cache": []}
+        wrapper.train()
+        for step in range(args.steps + 1):
+            for mode in ("live", "cache") if step % 2 == 0 else ("cache", "live"):
+                b = batches[step % len(batches)]
+                n = max(1, int((b["labels"] != -100).sum()))
+                t0 = time.perf_counter()
+                loss, _ = methods[mode].loss(wrapper, b, n)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                dt = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                methods[mode].ctx.teacher.signal(b, hidden=True)
+                ds = time.perf_counter() - t1
+                if step > 0:
+                    times[mode].append(dt)
+                    signal_times[mode].append(ds)
+        cache_obj = TopKCache(tmp / "cache")
+        result = {
+            "teacher": tname, "teacher_params": count_params(teacher), "student_params": count_params(student),
+            "student_layers": args.student_layers, "vocab": V, "top_k": args.top_k, "rows": args.rows,
+            "batch_size": args.batch_size, "tokens_per_batch": round(statistics.mean(n_tok), 1),
+            "cached_tokens": stats["tokens"], "bytes_per_token": round(cache_obj.bytes_per_token(), 1),
+            "cache_tokens_per_s": stats["tokens_per_s"],
+            "step_s": {k: round(statistics.median(v), 3) for k, v in times.items()},
+            "signal_s": {k: round(statistics.median(v), 4) for k, v in signal_times.items()},
+            "max_rel_diff_vs_uncompressed_topk": max(v[0] for v in fidelity.values()),
+            "threads": args.threads, "machine": f"{platform.machine()}, torch {torch.__version__}",
+            "load_avg_1min": round(os.getloadavg()[0], 1),
+        }
+    md = _markdown(result, fidelity, argv)
+    print(md)
+    print(json.dumps(result), file=sys.stderr)
+    if args.write:
+        _write_section(Path(args.write), md)
+    return 0
+
+
+def _markdown(r: dict, fidelity: dict, argv) -> str:
+    live, cache = r["step_s"]["live"], r["step_s"]["cache"]
+    cmd = "nice -n 15 .venv/bin/python benchmarks/cache.py" + ("" if not argv else " " + " ".join(
+        a for a in argv if not a.startswith("--write")))
+    lines = [
+        "## Teacher cache",
+        "",
+        f"Command: `{cmd}` ({r['threads']} CPU threads, {r['machine']}; 1-minute load average "
+        f"{r['load_avg_1min']} at the end: other jobs shared the 2 cores, so absolute times are inflated and noisy, "
+        "the interleaved live/cache comparison less so).",
+        "",
+        f"Teacher: {r['teacher']} ({r['teacher_params'] / 1e6:.0f}M parameters, vocab {r['vocab']:,}); student: "
+        f"{r['student_layers']} of its layers ({r['student_params'] / 1e6:.0f}M). {r['rows']} demo-task rows, "
+        f"batch {r['batch_size']} (~{r['tokens_per_batch']:.0f} response tokens per batch), `method: logit`, forward KL, "
+        "fused loss. Step = forward + backward + optimizer step; median of interleaved steps on the same batches "
+        "in one process.",
+        "",
+        "| teacher signal | step time (s) | teacher signal alone (s) |",
+        "|---|---|---|",
+        f"| live teacher model | {live:.3f} | {r['signal_s']['live']:.4f} |",
+        f"| offline cache (top-{r['top_k']}) | {cache:.3f} | {r['signal_s']['cache']:.4f} |",
+        "",
+        f"Training from the cache: **{live / cache:.2f}x** faster per step ({(1 - cache / live):.0%} less time), "
+        "and no teacher weights in memory.",
+        "",
+        f"Cache: top-{r['top_k']}, **{r['bytes_per_token']} bytes per cached token** on disk (target: at most 192), "
+        f"{r['cached_tokens']:,} tokens; `cache-teacher` ran at {r['cache_tokens_per_s']} tokens/s.",
+        "",
+        "Loss from the cache vs from the uncompressed top-k (same student logits); the full-vocabulary loss for scale:",
+        "",
+        "| divergence | T | relative difference | uncompressed top-k | full vocabulary |",
+        "|---|---|---|---|---|",
+    ]
+    for (d, T), (rel, a, full) in fidelity.items():
+        lines.append(f"| {d} | {T:g} | {rel:.1e} | {a:.4f} | {full:.4f} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _write_section(path: Path, md: str) -> None:
+    """Replace the '## Teacher cache' section (up to the next '## ' heading) or append it."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    lines = text.splitlines()
+    start = next((i for i, l in enumerate(lines) if l.strip() == "## Teacher cache"), None)
+    if start is None:
+        new = text.rstrip("\n") + "\n\n" + md
+    else:
+        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
+        new = "\n".join(lines[:start] + md.rstrip("\n").splitlines() + [""] + lines[end:]) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
