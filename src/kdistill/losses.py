@@ -31,11 +31,12 @@ Top-k teachers (an offline cache keeps only the teacher's k most likely tokens p
 given as ``TopK(indices, logprobs)``. The tail is kept explicitly as one extra "rest" bucket: both
 distributions are coarse-grained onto the k cached tokens plus one bucket holding all other tokens
 (teacher: ``1 − Σ top-k``; student: its exact mass outside those k tokens). The divergence between
-the coarse-grained distributions is exact, and for KL it is a lower bound of the full-vocabulary
-value (data-processing inequality). The teacher's buckets are renormalized; with a temperature
-T ≠ 1 the cached log-probs are divided by T and the rest bucket's log-mass is divided by T like a
-single token's. When k equals the vocabulary size there is no rest bucket and the value is exactly
-the full-vocabulary one.
+the coarse-grained distributions is exact, and at T = 1 the KLs are lower bounds of the
+full-vocabulary values (data-processing inequality). The teacher's buckets are renormalized; with a
+temperature T ≠ 1 the cached log-probs are divided by T and the rest bucket's log-mass is divided by
+T like a single token's (the tail's shape is unknown), so at T ≠ 1 the top-k value is an
+approximation that can lie on either side of the full one. When k equals the vocabulary size there
+is no rest bucket and the value is exactly the full-vocabulary one at every T.
 
 The fused path (:func:`fused_distill_loss`) never builds the ``[tokens, vocab]`` logits: it walks
 the unmasked tokens in chunks, projects one chunk of student and teacher hidden states onto the
