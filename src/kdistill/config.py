@@ -173,6 +173,81 @@ class EvalConfig(Section):
     speed_new_tokens: int = Field(32, ge=1)
 
 
+class GenerateConfig(Section):
+    """``kdistill generate``: the teacher answers prompts -> an append-only, resumable JSONL."""
+
+    prompts: Optional[str] = Field(None, description="JSONL of {id?, prompt} or {id?, messages}; in `run`: default data.train")
+    output: Optional[str] = Field(None, description="output JSONL (default: OUTPUT_DIR/teacher.jsonl)")
+    samples_per_prompt: int = Field(1, ge=1)
+    temperature: float = Field(0.7, ge=0.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(512, ge=1)
+    style: Literal["plain", "explain", "rationale"] = Field(
+        "plain", description="explain: Orca-style step-by-step system message; rationale: rationale + final answer, stored apart"
+    )
+    system_prompt: Optional[str] = Field(None, description="replaces the style's system message")
+    batch_size: int = Field(8, ge=1, description="prompts per batch for a local teacher")
+    seed: int = 0
+
+
+class JudgeConfig(Section):
+    """LLM-as-judge filter: the teacher rates each (prompt, response); rows below threshold are dropped."""
+
+    threshold: float = Field(7.0, description="keep rows scored at or above this (scale 1-10)")
+    prompt: Optional[str] = Field(None, description="judge prompt with {prompt} and {response}; must ask for 'Score: N'")
+    max_new_tokens: int = Field(32, ge=1)
+
+
+class FiltersConfig(Section):
+    """Filters applied to teacher-written rows before sequence-level training (each counted in the report)."""
+
+    enabled: bool = True
+    empty: bool = Field(True, description="drop empty responses")
+    truncated: bool = Field(True, description="drop responses cut off by max tokens (finish_reason: length)")
+    duplicate: bool = Field(True, description="drop repeated (prompt, response) pairs")
+    min_chars: Optional[int] = Field(None, ge=0)
+    max_chars: Optional[int] = Field(None, ge=1)
+    refusal: bool = Field(True, description="drop responses matching refusal_patterns")
+    refusal_patterns: Optional[list[str]] = Field(None, description="regexes (case-insensitive); none = built-in list")
+    format_regex: Optional[str] = Field(None, description="keep only responses matching this regex (re.search)")
+    format_json: bool = Field(False, description="keep only responses that parse as JSON")
+    reference: Optional[Literal["contains", "exact"]] = Field(
+        None, description="drop rows whose answer disagrees with the row's 'reference' (rows without one are kept)"
+    )
+    judge: Optional[JudgeConfig] = None
+
+    @field_validator("format_regex")
+    @classmethod
+    def _check_regex(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            import re
+
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"not a valid regex ({exc})") from None
+        return v
+
+
+class SequenceConfig(Section):
+    """``method: sequence`` (cross-entropy on teacher-written responses)."""
+
+    rationale_weight: float = Field(
+        1.0, ge=0.0, description="lambda in loss = answer + lambda * rationale, for rows with rationale/answer fields"
+    )
+    answer_prefix: str = Field("[answer] ", description="task prefix of the answer view of a rationale row")
+    rationale_prefix: str = Field("[rationale] ", description="task prefix of the rationale view")
+
+
+class CacheConfig(Section):
+    """``kdistill cache-teacher``: the teacher's top-k log-probs on data.train -> sharded, resumable files."""
+
+    path: Optional[str] = Field(None, description="cache folder (default: teacher.cache)")
+    top_k: int = Field(64, ge=1, le=4096, description="tokens kept per position (the rest is one tail bucket)")
+    shard_size: int = Field(256, ge=1, description="rows per shard (the unit of resumption)")
+    batch_size: int = Field(8, ge=1, description="rows per teacher forward pass")
+
+
 # --- on-policy, self- and preference distillation (issue 6) ---------------------------------
 
 
@@ -266,81 +341,6 @@ class ZephyrConfig(Section):
     win_rate_prompts: int = Field(32, ge=1, description="held-out prompts for the final-vs-dSFT win rate")
 
 
-class GenerateConfig(Section):
-    """``kdistill generate``: the teacher answers prompts -> an append-only, resumable JSONL."""
-
-    prompts: Optional[str] = Field(None, description="JSONL of {id?, prompt} or {id?, messages}; in `run`: default data.train")
-    output: Optional[str] = Field(None, description="output JSONL (default: OUTPUT_DIR/teacher.jsonl)")
-    samples_per_prompt: int = Field(1, ge=1)
-    temperature: float = Field(0.7, ge=0.0)
-    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(512, ge=1)
-    style: Literal["plain", "explain", "rationale"] = Field(
-        "plain", description="explain: Orca-style step-by-step system message; rationale: rationale + final answer, stored apart"
-    )
-    system_prompt: Optional[str] = Field(None, description="replaces the style's system message")
-    batch_size: int = Field(8, ge=1, description="prompts per batch for a local teacher")
-    seed: int = 0
-
-
-class JudgeConfig(Section):
-    """LLM-as-judge filter: the teacher rates each (prompt, response); rows below threshold are dropped."""
-
-    threshold: float = Field(7.0, description="keep rows scored at or above this (scale 1-10)")
-    prompt: Optional[str] = Field(None, description="judge prompt with {prompt} and {response}; must ask for 'Score: N'")
-    max_new_tokens: int = Field(32, ge=1)
-
-
-class FiltersConfig(Section):
-    """Filters applied to teacher-written rows before sequence-level training (each counted in the report)."""
-
-    enabled: bool = True
-    empty: bool = Field(True, description="drop empty responses")
-    truncated: bool = Field(True, description="drop responses cut off by max tokens (finish_reason: length)")
-    duplicate: bool = Field(True, description="drop repeated (prompt, response) pairs")
-    min_chars: Optional[int] = Field(None, ge=0)
-    max_chars: Optional[int] = Field(None, ge=1)
-    refusal: bool = Field(True, description="drop responses matching refusal_patterns")
-    refusal_patterns: Optional[list[str]] = Field(None, description="regexes (case-insensitive); none = built-in list")
-    format_regex: Optional[str] = Field(None, description="keep only responses matching this regex (re.search)")
-    format_json: bool = Field(False, description="keep only responses that parse as JSON")
-    reference: Optional[Literal["contains", "exact"]] = Field(
-        None, description="drop rows whose answer disagrees with the row's 'reference' (rows without one are kept)"
-    )
-    judge: Optional[JudgeConfig] = None
-
-    @field_validator("format_regex")
-    @classmethod
-    def _check_regex(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None:
-            import re
-
-            try:
-                re.compile(v)
-            except re.error as exc:
-                raise ValueError(f"not a valid regex ({exc})") from None
-        return v
-
-
-class SequenceConfig(Section):
-    """``method: sequence`` (cross-entropy on teacher-written responses)."""
-
-    rationale_weight: float = Field(
-        1.0, ge=0.0, description="lambda in loss = answer + lambda * rationale, for rows with rationale/answer fields"
-    )
-    answer_prefix: str = Field("[answer] ", description="task prefix of the answer view of a rationale row")
-    rationale_prefix: str = Field("[rationale] ", description="task prefix of the rationale view")
-
-
-class CacheConfig(Section):
-    """``kdistill cache-teacher``: the teacher's top-k log-probs on data.train -> sharded, resumable files."""
-
-    path: Optional[str] = Field(None, description="cache folder (default: teacher.cache)")
-    top_k: int = Field(64, ge=1, le=4096, description="tokens kept per position (the rest is one tail bucket)")
-    shard_size: int = Field(256, ge=1, description="rows per shard (the unit of resumption)")
-    batch_size: int = Field(8, ge=1, description="rows per teacher forward pass")
-
-
 class Config(Section):
     output_dir: str
     method: str = "logit"
@@ -372,18 +372,6 @@ class Config(Section):
         return v
 
     @model_validator(mode="after")
-    def _teachers(self) -> "Config":
-        if self.teachers is not None:
-            if not self.teachers:
-                raise ValueError("teachers: give at least one teacher (each with model or cache)")
-            if self.teacher.model is not None or self.teacher.cache is not None:
-                raise ValueError("set either teacher or teachers, not both")
-            for i, t in enumerate(self.teachers):
-                if t.model is None and t.cache is None:
-                    raise ValueError(f"teachers[{i}]: give model or cache")
-        return self
-
-    @model_validator(mode="after")
     def _method_defaults(self) -> "Config":
         # GKD's defaults for on_policy: jsd (beta 0.5) and no hard-label term, unless set in loss:.
         if self.method == "on_policy":
@@ -393,6 +381,18 @@ class Config(Section):
                 self.loss.alpha = 1.0
         if self.method == "dpo" and self.dpo.pairs is None:
             raise ValueError("method dpo: set dpo.pairs (a JSONL of prompt, chosen, rejected)")
+        return self
+
+    @model_validator(mode="after")
+    def _teachers(self) -> "Config":
+        if self.teachers is not None:
+            if not self.teachers:
+                raise ValueError("teachers: give at least one teacher (each with model or cache)")
+            if self.teacher.model is not None or self.teacher.cache is not None:
+                raise ValueError("set either teacher or teachers, not both")
+            for i, t in enumerate(self.teachers):
+                if t.model is None and t.cache is None:
+                    raise ValueError(f"teachers[{i}]: give model or cache")
         return self
 
 

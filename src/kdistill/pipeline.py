@@ -111,12 +111,17 @@ def load_models(cfg: Config, train_rows: list[Example], output_dir: Path, say: C
         if cfg.student.dtype not in ("auto", "float32"):
             student.to(getattr(torch, cfg.student.dtype))
         s_tok = tok
-        student_name = f"{tc.model} [layers {_ranges(layers)}]"
+        student_name = f"{display_name(tc.model)} [layers {_ranges(layers)}]"
         say(f"student cut from the teacher: {len(layers)} of {n_total} layers {layers}")
     vocab = check_vocab(tok, s_tok, teacher, student)
     if cfg.student.freeze_embeddings:
         student.get_input_embeddings().weight.requires_grad_(False)
-    return Models(teacher, student, tok, vocab, tc.model, student_name, layers)
+    return Models(teacher, student, tok, vocab, display_name(tc.model), student_name, layers)
+
+
+def display_name(spec: str) -> str:
+    """How a model spec is named in reports ("demo" is the bundled SmolLM2 GGUF)."""
+    return "HuggingFaceTB/SmolLM2-135M-Instruct (bundled Q4_1 GGUF)" if spec == "demo" else spec
 
 
 def num_layers_safe(model) -> str:
