@@ -32,6 +32,7 @@ from kdistill.config import Config, check_paths, dump_config
 from kdistill.data import Example, Renderer, collate, encode_examples, load_examples, split_examples
 from kdistill.errors import ConfigError, DataError
 from kdistill.evaluate import logit_metrics, matches, measure_speed, retention, task_accuracy
+from kdistill.pipeline import _cached
 from kdistill.models import (
     count_params,
     cut_student,
@@ -160,14 +161,6 @@ def _metrics(model, tok, cfg, rows, feats, teacher=None, vocab=None, device=None
         if acc is not None:
             m["accuracy"] = acc
     return {"metrics": {k: round(v, 6) for k, v in m.items()}, "outputs": outputs}
-
-
-def _cached(path: Path, fn: Callable[[], dict]) -> dict:
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = fn()
-    path.write_text(json.dumps(value))
-    return value
 
 
 def run_sequence(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = True, train: bool = True) -> dict:
