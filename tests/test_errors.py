@@ -142,3 +142,11 @@ def test_invalid_layer_selection_name(tiny, tmp_path, capsys):
     cfg["student"]["init"]["layer_selection"] = "random"
     line = one_line_error(*run_cli(tmp_path, cfg, capsys))
     assert "student.init.layer_selection" in line and "importance" in line
+
+
+def test_logit_with_api_teacher_points_to_sequence(tiny, tmp_path, capsys):
+    cfg = base_config(tiny, tmp_path / "o")
+    cfg["teacher"] = {"api": {"base_url": "http://127.0.0.1:9/v1", "model": "m"}}
+    cfg["student"] = {"model": str(tiny / "student")}
+    line = one_line_error(*run_cli(tmp_path, cfg, capsys))
+    assert "teacher.api" in line and "method: sequence" in line

@@ -57,6 +57,11 @@ def load_student_only(cfg, say: Callable[[str], None] = log.info):
 
     specs = teacher_configs(cfg)
     if not any(t.cache for t in specs):
+        if getattr(cfg.teacher, "api", None) is not None:
+            raise ConfigError(
+                f"teacher.api: method {cfg.method} needs the teacher's token distributions, which an API does not give; "
+                "use method: sequence (the teacher's answers), or teacher.model / teacher.cache"
+            )
         raise ConfigError("teacher.model: required for this method (hub id, folder, .gguf file, or 'demo'), or teacher.cache")
     if cfg.student is None:
         raise ConfigError("student: required key is missing (student.model when the teacher is only a cache)")
