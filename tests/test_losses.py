@@ -95,7 +95,12 @@ def ref_loss(s_logits, t_logits, labels, kind, T=1.0, beta=0.5, skew=0.1, w=0.0,
             t1 = np.exp(topk.logprobs.double().reshape(len(lab), -1).numpy()[i])
             bins = np.append(t1, max(1.0 - t1.sum(), 0.0)) ** (1.0 / T)
             p = bins / bins.sum()
-            q = np.append(q[idx], 1.0 - q[idx].sum())
+            if len(idx) < s.shape[-1]:  # bin the student at T = 1 too, then temper its bins alike
+                q1 = _softmax64(s[i])
+                sb = np.append(q1[idx], max(1.0 - q1[idx].sum(), 0.0)) ** (1.0 / T)
+                q = sb / sb.sum()
+            else:
+                q = np.append(q[idx], 1.0 - q[idx].sum())
         total += (1 - w) * T * T * ref_divergence(p, q, kind, beta, skew)
         if w > 0:
             total += w * -math.log(_softmax64(s[i])[lab[i]])
@@ -459,3 +464,33 @@ def test_fused_backward_scales_and_accumulates():
     gh, gw = _grads(4.0 * distill_loss(h @ w.t(), th @ tw.t(), labels, "jsd"), h, w)
     _close(h.grad, gh)
     _close(w.grad, gw)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"])
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_topk_teacher_equal_to_student_gives_zero_at_any_temperature(divergence, temperature):
+    """Tempering treats the rest bucket alike on both sides: the minimum stays at the teacher."""
+    from kdistill.losses import TopK, distill_loss, fused_distill_loss
+
+    torch.manual_seed(0)
+    N, H, V, k = 12, 8, 40, 5
+    hidden = torch.randn(N, H)
+    weight = torch.randn(V, H)
+    logits = hidden @ weight.t()
+    logp = torch.log_softmax(logits, -1)
+    top = logp.topk(k, dim=-1)
+    topk = TopK(top.indices, top.values)
+    labels = torch.randint(0, V, (N,))
+    s = logits.clone().requires_grad_(True)
+    loss = distill_loss(s, None, labels, divergence=divergence, temperature=temperature, teacher_topk=topk)
+    loss.backward()
+    assert abs(float(loss)) < 1e-5
+    if divergence != "tvd":  # |x| has no useful gradient at 0
+        assert s.grad.abs().max() < 1e-5
+    h = hidden.clone().requires_grad_(True)
+    fused = fused_distill_loss(h, weight, None, None, labels, divergence=divergence, temperature=temperature,
+                               teacher_topk=topk, chunk_size=5)
+    fused.backward()
+    assert abs(float(fused)) < 1e-5
+    if divergence != "tvd":
+        assert h.grad.abs().max() < 1e-4

@@ -33,9 +33,10 @@ distributions are coarse-grained onto the k cached tokens plus one bucket holdin
 (teacher: ``1 − Σ top-k``; student: its exact mass outside those k tokens). The divergence between
 the coarse-grained distributions is exact, and at T = 1 the KLs are lower bounds of the
 full-vocabulary values (data-processing inequality). The teacher's buckets are renormalized; with a
-temperature T ≠ 1 the cached log-probs are divided by T and the rest bucket's log-mass is divided by
-T like a single token's (the tail's shape is unknown), so at T ≠ 1 the top-k value is an
-approximation that can lie on either side of the full one. When k equals the vocabulary size there
+temperature T ≠ 1 both distributions are binned at T = 1 and then every bin's log-mass, the rest
+bucket's included, is divided by T and renormalized, on the teacher's and the student's side alike
+(the tail's shape is unknown, so it is tempered like a single token): the loss is then 0 exactly
+when the student equals the teacher, and at T ≠ 1 the top-k value approximates the full one. When k equals the vocabulary size there
 is no rest bucket and the value is exactly the full-vocabulary one at every T.
 
 The fused path (:func:`fused_distill_loss`) never builds the ``[tokens, vocab]`` logits: it walks
@@ -180,9 +181,29 @@ def _topk_bins(ls: torch.Tensor, topk: TopK, temperature: float):
     return t_bins, torch.cat([s_top, s_rest], dim=-1), s_rest
 
 
+def _tempered_topk_bins(ls: torch.Tensor, topk: TopK, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k bins of teacher and student at T ≠ 1, treated alike: ``[N, k+1]`` log-probs each.
+
+    Both distributions are binned at T = 1 (the student's T = 1 log-probs are
+    ``log_softmax(T · ls)``, exactly, by shift invariance), then each bin's log-mass is divided by T
+    and renormalized. Treating the rest bucket as one token on *both* sides keeps the minimum where
+    the student equals the teacher (loss 0), which tempering only the teacher's bins would not.
+    """
+    ls1 = torch.log_softmax(ls * temperature, dim=-1)
+    t_bins, s_bins, _ = _topk_bins(ls1, topk, 1.0)
+    return (torch.log_softmax(t_bins / temperature, dim=-1),
+            torch.log_softmax(_finite(s_bins) / temperature, dim=-1))
+
+
 def coarse_topk(s_logp: torch.Tensor, topk: TopK, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher and student log-probs on the k cached tokens (+ the rest bucket when k < vocab)."""
-    t_bins, s_bins, _ = _topk_bins(_finite(s_logp.float()), topk, temperature)
+    """Teacher and student log-probs on the k cached tokens (+ the rest bucket when k < vocab).
+
+    ``s_logp``: student log-probs at ``temperature`` ``[N, V]``.
+    """
+    ls = _finite(s_logp.float())
+    if temperature != 1.0 and topk.indices.shape[-1] < ls.shape[-1]:
+        return _tempered_topk_bins(ls, topk, temperature)
+    t_bins, s_bins, _ = _topk_bins(ls, topk, temperature)
     return t_bins, s_bins
 
 
@@ -228,17 +249,28 @@ def _token_losses(ls, ce_logp, teacher, labels, spec: LossSpec, grad: bool = Fal
     log-probs at T ``[N, V]`` or a :class:`TopK`; ``labels`` ``[N]`` (all kept).
     """
     T, w = spec.temperature, spec.hard_label_weight
-    if isinstance(teacher, TopK):
-        lt, s_bins, s_rest = _topk_bins(ls, teacher, T)
-    else:
-        lt, s_bins, s_rest = teacher, ls, None
     q = ls.exp() if grad else None  # kept for the softmax Jacobian below
-    d, g = _divergence(spec.divergence, lt, s_bins, spec.beta, spec.skew, grad, q=None if s_bins is not ls else q)
-    loss = d * ((1.0 - w) * T * T)
-    del lt, s_bins
-    if grad:
+    if isinstance(teacher, TopK) and T != 1.0 and teacher.indices.shape[-1] < ls.shape[-1]:
+        # Bin at T = 1 on both sides, then temper the bins alike (see _tempered_topk_bins); the
+        # gradient w.r.t. ls comes from autograd on this [N, V] block only.
+        with torch.enable_grad():
+            ls_ = ls.detach().requires_grad_(grad) if grad else ls
+            lt, s_bins = _tempered_topk_bins(ls_, teacher, T)
+            d, _ = _divergence(spec.divergence, lt, s_bins, spec.beta, spec.skew, False)
+            g = torch.autograd.grad(d.sum(), ls_)[0] if grad else None
+        d = d.detach() if grad else d
+        del lt, s_bins
+    else:
         if isinstance(teacher, TopK):
+            lt, s_bins, s_rest = _topk_bins(ls, teacher, T)
+        else:
+            lt, s_bins, s_rest = teacher, ls, None
+        d, g = _divergence(spec.divergence, lt, s_bins, spec.beta, spec.skew, grad, q=None if s_bins is not ls else q)
+        del lt, s_bins
+        if grad and isinstance(teacher, TopK):
             g = _topk_grad_to_vocab(g, ls, teacher.indices.long(), s_rest)
+    loss = d * ((1.0 - w) * T * T)
+    if grad:
         # softmax Jacobian: ∂D/∂z = g − q·Σg, z = logits / T; ∂/∂logits = ∂/∂z / T, times (1−w)·T²
         g.addcmul_(q, g.sum(-1, keepdim=True), value=-1.0).mul_((1.0 - w) * T)
     if w > 0.0:
