@@ -122,7 +122,16 @@ class LossConfig(Section):
     fused: Union[bool, Literal["auto"]] = Field(
         "auto", description="chunked loss from hidden states (never materializes [tokens x vocab]); auto = when possible"
     )
-    chunk_size: int = Field(1024, ge=1)
+    chunk_size: Union[Literal["auto"], int] = Field(
+        "auto", description="tokens per chunk of the fused loss; auto = about one [chunk x vocab] block per hidden-state size"
+    )
+
+    @field_validator("chunk_size")
+    @classmethod
+    def _check_chunk(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError("expected 'auto' or a positive integer")
+        return v
     teacher_mix: Literal["mixture", "sum"] = Field(
         "mixture", description="several teachers: mixture = divergence to their weighted mixture in probability space; "
         "sum = weighted sum of per-teacher divergences"
