@@ -322,6 +322,9 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
         result = train(wrapper, method, feats, lambda b: collate(b, m.tokenizer.pad_token_id), cfg.train, out,
                        accelerator=acc, progress=progress)
         student = acc.unwrap_model(wrapper).model
+        if result.resumed_from is not None:
+            say(f"resumed from the checkpoint at step {result.resumed_from} of {result.steps}"
+                + (" (training was already complete)" if result.resumed_from == result.steps else ""))
         training = {
             "steps": result.steps, "seconds": round(result.seconds, 1), "train_rows": len(feats),
             "items": result.tokens, "resumed_from": result.resumed_from, "stopped_early": result.stopped_early,
