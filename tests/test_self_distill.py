@@ -7,7 +7,6 @@ from safetensors.torch import load_file
 
 from conftest import base_config
 from kdistill.config import load_config
-from kdistill.data import collate
 from kdistill.feedback import completion_feature, loglik_scores
 from kdistill.methods.rounds import OnPolicyFilter
 from kdistill.models import load_model

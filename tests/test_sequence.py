@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 
-import pytest
 import yaml
 
 from conftest import base_config, make_rows, write_jsonl
@@ -13,7 +12,6 @@ from fake_openai import FakeOpenAI
 from kdistill.cli import main
 from kdistill.config import FiltersConfig, JudgeConfig
 from kdistill.data import Example
-from kdistill.errors import KDistillError
 from kdistill.filters import apply_filters, parse_score
 
 KEY = "sk-seq-HIDDEN-31337"

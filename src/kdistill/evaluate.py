@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kdistill.data import IGNORE_INDEX, Example, Renderer, collate, collate_prompts
+from kdistill.data import IGNORE_INDEX, Example, Renderer, collate
+from kdistill.generation import eos_ids, hf_model, sample_completions
 from kdistill.losses import divergence
 from kdistill.teachers.local import final_hidden, supports_hidden
 
@@ -103,7 +104,6 @@ def matches(output: str, reference: str, how: str = "contains") -> bool:
     return re.search(r"(?<!\w)" + re.escape(ref) + r"(?!\w)", out) is not None
 
 
-@torch.no_grad()
 def generate(
     model: nn.Module,
     tokenizer,
@@ -116,31 +116,16 @@ def generate(
     device=None,
     finish_reasons: Optional[list] = None,
 ) -> list[str]:
-    """Batched generation (left padding, KV cache); returns the decoded new text of each prompt.
+    """Batched generation (greedy unless ``do_sample``); the decoded new text of each prompt.
 
     ``finish_reasons``: a list to append each row's ``"stop"`` (ended with EOS) or ``"length"`` to.
     """
-    device = device or next(model.parameters()).device
-    pad = tokenizer.pad_token_id
-    outs: list[str] = []
-    for chunk in _batches(prompts, batch_size):
-        b = collate_prompts(chunk, pad)
-        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad)
-        if do_sample:
-            kwargs["temperature"] = temperature
-        else:  # greedy: silence sampling settings inherited from generation_config
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        if min_new_tokens:
-            kwargs["min_new_tokens"] = min_new_tokens
-        gen = model.generate(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), **kwargs)
-        new = gen[:, b["input_ids"].shape[1] :]
-        outs += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
-        if finish_reasons is not None:
-            eos = getattr(model.generation_config, "eos_token_id", None)
-            eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {tokenizer.eos_token_id}
-            eos.discard(None)
-            finish_reasons += ["stop" if any(int(t) in eos for t in row) else "length" for row in new]
-    return outs
+    comps = sample_completions(model, tokenizer, prompts, max_new_tokens, temperature if do_sample else 0.0,
+                               batch_size, device=device, min_new_tokens=min_new_tokens)
+    if finish_reasons is not None:
+        eos = set(eos_ids(hf_model(model), tokenizer))
+        finish_reasons += ["stop" if c and c[-1] in eos else "length" for c in comps]
+    return [tokenizer.decode(c, skip_special_tokens=True).strip() for c in comps]
 
 
 def task_accuracy(

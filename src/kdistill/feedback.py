@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from kdistill.data import IGNORE_INDEX, Example, collate, collate_prompts
+from kdistill.data import IGNORE_INDEX, Example, collate
+from kdistill.generation import cut_at_eos, eos_ids, hf_model, sample_completions  # noqa: F401 (used by the methods)
 from kdistill.losses import sequence_logprobs
 
 DEFAULT_JUDGE_TEMPLATE = (
@@ -30,79 +31,6 @@ DEFAULT_JUDGE_TEMPLATE = (
     "How good is this answer to the question? Rate it from 1 (bad) to {scale} (excellent). "
     "Reply with one number."
 )
-
-
-def hf_model(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside a (DDP-wrapped) :class:`~kdistill.methods.base.StudentLM`."""
-    m = getattr(model, "module", model)
-    inner = getattr(m, "model", None)
-    return inner if inner is not None and hasattr(inner, "generate") and not hasattr(m, "generate") else m
-
-
-def eos_ids(model: nn.Module, tokenizer) -> list[int]:
-    """Every token that ends an answer: the tokenizer's EOS and the model's generation EOS(s)."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    g = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(g, int):
-        ids.add(g)
-    elif isinstance(g, (list, tuple)):
-        ids.update(int(x) for x in g)
-    return sorted(ids)
-
-
-def cut_at_eos(tokens: Sequence[int], eos: Iterable[int]) -> list[int]:
-    """Tokens up to and including the first EOS; everything after it (padding, junk) is dropped."""
-    eos = set(eos)
-    out = []
-    for t in tokens:
-        out.append(int(t))
-        if t in eos:
-            break
-    return out
-
-
-@torch.no_grad()
-def sample_completions(
-    model: nn.Module,
-    tokenizer,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    batch_size: int = 8,
-    num_samples: int = 1,
-    device=None,
-) -> list[list[int]]:
-    """Completion ids for each prompt (``num_samples`` consecutive entries per prompt).
-
-    ``temperature`` 0 is greedy; otherwise plain ancestral sampling from ``softmax(logits / T)``
-    (top-k/top-p off, so the samples follow the model's own distribution). Each completion ends
-    with its EOS when the model produced one within ``max_new_tokens``.
-    """
-    hf = hf_model(model)
-    device = device or next(hf.parameters()).device
-    was_training = hf.training
-    hf.eval()
-    pad = tokenizer.pad_token_id
-    eos = eos_ids(hf, tokenizer)
-    out: list[list[int]] = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i : i + batch_size]
-            b = collate_prompts(chunk, pad)
-            kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
-                          num_return_sequences=num_samples)
-            if temperature > 0:
-                kwargs.update(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)
-            else:
-                kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-            gen = hf.generate(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), **kwargs)
-            for row in gen[:, b["input_ids"].shape[1]:].tolist():
-                out.append(cut_at_eos(row, eos))
-    finally:
-        hf.train(was_training)
-    return out
 
 
 def completion_feature(prompt_ids: Sequence[int], completion: Sequence[int], row_id=None, max_length: Optional[int] = None) -> dict:

@@ -35,7 +35,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from kdistill.errors import ConfigError, DataError
 

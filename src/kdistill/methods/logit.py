@@ -7,7 +7,6 @@ states and output layer (``loss.fused: auto``), the plain path otherwise.
 
 from __future__ import annotations
 
-import torch
 
 from kdistill.losses import distill_loss, fused_distill_loss
 from kdistill.methods import register
