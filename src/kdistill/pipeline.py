@@ -240,13 +240,23 @@ def _speed(m: Models, renderer: Renderer, eval_rows: list[Example], cfg: Config,
     }
 
 
+def start_run(cfg: Config, out: Path):
+    """Create ``out``, write the resolved ``config.yaml``, set threads; returns the Accelerator."""
+    from accelerate import Accelerator
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    return Accelerator(mixed_precision=cfg.train.mixed_precision)
+
+
 def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = True) -> dict:
     """``kdistill run``: train a student and write everything into ``cfg.output_dir``."""
     if cfg.method == "sequence":  # text-only teacher signal: API, other tokenizer, or none (issue 4)
         from kdistill.sequence_pipeline import run_sequence
 
         return run_sequence(cfg, say, progress)
-    from accelerate import Accelerator
 
     from kdistill.methods import RunContext, build_method
     from kdistill.methods.base import StudentLM
@@ -258,12 +268,7 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
 
     prompts_only = not needs_responses(cfg.method)  # e.g. zephyr: the teacher and student write the answers
     train_rows, eval_rows = load_data(cfg, require_response=not prompts_only)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-
-    acc = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    acc = start_run(cfg, out)
     device = acc.device
     m = load_models(cfg, train_rows, out, say)
     if m.teacher is not None:

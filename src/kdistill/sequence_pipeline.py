@@ -32,7 +32,7 @@ from kdistill.config import Config, check_paths, dump_config
 from kdistill.data import Example, Renderer, collate, encode_examples, load_examples, split_examples
 from kdistill.errors import ConfigError, DataError
 from kdistill.evaluate import logit_metrics, matches, measure_speed, retention, task_accuracy
-from kdistill.pipeline import _cached
+from kdistill.pipeline import _cached, start_run
 from kdistill.models import (
     count_params,
     cut_student,
@@ -165,7 +165,6 @@ def _metrics(model, tok, cfg, rows, feats, teacher=None, vocab=None, device=None
 
 def run_sequence(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = True, train: bool = True) -> dict:
     """Sequence-level KD end to end (``train=False``: ``kdistill eval``, the report only)."""
-    from accelerate import Accelerator
 
     from kdistill.filters import apply_filters, make_judge
     from kdistill.methods import RunContext, build_method
@@ -183,12 +182,7 @@ def run_sequence(cfg: Config, say: Callable[[str], None] = log.info, progress: b
     if cfg.generate is not None and cfg.teacher.api is None and cfg.teacher.model is None:
         raise ConfigError("teacher: a generate: section needs teacher.api or teacher.model to write the answers")
     check_paths(cfg, need_train=False)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-
-    acc = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    acc = start_run(cfg, out)
     device = acc.device
     local = _load_teacher(cfg, say)
 
