@@ -134,3 +134,17 @@ def free_port() -> int:
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+def serve(monkeypatch, key: str, env: str):
+    """Start a FakeOpenAI for a test: the key in ``env``, the loopback exempt from any proxy.
+
+    A generator for a pytest fixture: ``yield from serve(monkeypatch, KEY, "ENV")``.
+    """
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # a proxy in the environment must not intercept
+    monkeypatch.setenv(env, key)
+    srv = FakeOpenAI(key=key).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()

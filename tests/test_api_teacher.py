@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from fake_openai import FakeOpenAI, free_port
+from fake_openai import free_port, serve
 from kdistill.config import TeacherApiConfig
 from kdistill.errors import KDistillError
 from kdistill.teachers.api import ApiError, ApiTeacher, Job, parse_retry_after
@@ -16,11 +16,7 @@ KEY = "sk-test-SECRET-4b1d9e"
 
 @pytest.fixture()
 def server(monkeypatch):
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # a proxy in the environment must not intercept
-    monkeypatch.setenv("KD_TEST_KEY", KEY)
-    srv = FakeOpenAI(key=KEY).start()
-    yield srv
-    srv.stop()
+    yield from serve(monkeypatch, KEY, "KD_TEST_KEY")
 
 
 def api(server, **kw) -> ApiTeacher:

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import write_jsonl
-from fake_openai import FakeOpenAI
+from fake_openai import serve
 from kdistill.cli import main
 from kdistill.config import load_config
 from kdistill.data import load_examples
@@ -26,11 +26,7 @@ KEY = "sk-live-TOPSECRET-77a1c3"
 
 @pytest.fixture()
 def server(monkeypatch):
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # a proxy in the environment must not intercept
-    monkeypatch.setenv("KD_GEN_KEY", KEY)
-    srv = FakeOpenAI(key=KEY).start()
-    yield srv
-    srv.stop()
+    yield from serve(monkeypatch, KEY, "KD_GEN_KEY")
 
 
 def gen_config(tmp: Path, server, prompts: Path, **gen) -> dict:
