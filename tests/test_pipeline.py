@@ -154,3 +154,21 @@ def test_eval_command_reports_without_training(tiny, tmp_path, capsys):
     assert rep["student"]["metrics"]["kl_to_teacher"] > 0
     assert "student_initial" not in rep and not (out / "checkpoints").exists()
     assert (out / "report.md").exists() and (out / "metrics.png").exists()
+
+
+def test_logit_metrics_chunked_equals_whole(tiny):
+    """Held-out metrics project response positions a chunk at a time; the chunk size changes nothing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kdistill.data import Renderer, encode_examples, load_examples
+    from kdistill.evaluate import logit_metrics
+
+    tok = AutoTokenizer.from_pretrained(tiny / "teacher")
+    teacher = AutoModelForCausalLM.from_pretrained(tiny / "teacher")
+    student = AutoModelForCausalLM.from_pretrained(tiny / "student")
+    feats, _ = encode_examples(Renderer(tok, 64), load_examples(tiny / "eval.jsonl"))
+    whole = logit_metrics(student, feats, tok.pad_token_id, len(tok), teacher=teacher, chunk_tokens=10**6)
+    small = logit_metrics(student, feats, tok.pad_token_id, len(tok), teacher=teacher, chunk_tokens=3)
+    assert whole["kl_to_teacher"] > 0 and 0 <= whole["top1_agreement"] <= 1
+    for k in whole:
+        assert small[k] == pytest.approx(whole[k], rel=1e-5)

@@ -36,16 +36,20 @@ def _batches(items: list, size: int):
         yield items[i : i + size]
 
 
-def response_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """float32 logits ``[n_keep, vocab]`` at the positions where ``keep`` ``[batch, seq]`` is true.
+def _response_states(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor, vocab_size: int):
+    """``(rows, weight)`` at the positions where ``keep`` ``[batch, seq]`` is true.
 
-    When the model's logits are ``hidden @ W.T``, only the kept positions are projected onto the
-    vocabulary (response tokens are usually a small share of a batch).
+    When the model's logits are ``hidden @ W.T``: final hidden states ``[n_keep, hidden]`` and the
+    output weight ``[vocab, hidden]``, so logits are made chunk by chunk. Otherwise the logits
+    ``[n_keep, vocab]`` themselves and None.
     """
     if supports_hidden(model):
-        h = final_hidden(model, ids, mask)[keep]
-        return (h @ model.get_output_embeddings().weight[:vocab_size].t()).float()
-    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[..., :vocab_size][keep].float()
+        return final_hidden(model, ids, mask)[keep], model.get_output_embeddings().weight[:vocab_size]
+    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[..., :vocab_size][keep], None
+
+
+def _logits(rows: torch.Tensor, weight: Optional[torch.Tensor], sl: slice) -> torch.Tensor:
+    return (rows[sl] @ weight.t() if weight is not None else rows[sl]).float()
 
 
 @torch.no_grad()
@@ -57,10 +61,12 @@ def logit_metrics(
     teacher: Optional[nn.Module] = None,
     batch_size: int = 8,
     device=None,
+    chunk_tokens: int = 1024,
 ) -> dict:
     """Perplexity, and (with ``teacher``) KL to the teacher and top-1 agreement, on ``features``.
 
-    Both models see the same batches; only positions with a label (response tokens) count.
+    Both models see the same batches; only positions with a label (response tokens) count, and
+    they are projected onto the vocabulary ``chunk_tokens`` at a time.
     """
     device = device or next(model.parameters()).device
     nll = kl = agree = 0.0
@@ -71,14 +77,19 @@ def logit_metrics(
         keep = labels != IGNORE_INDEX
         if not keep.any():
             continue
-        s = response_logits(model, ids, mask, keep, vocab_size)
-        s_logp = torch.log_softmax(s, -1)
-        nll += float(-s_logp.gather(-1, labels[keep].unsqueeze(-1)).sum())
+        targets = labels[keep]
+        s_rows, s_w = _response_states(model, ids, mask, keep, vocab_size)
         if teacher is not None:
-            t = response_logits(teacher, ids, mask, keep, vocab_size)
-            t_logp = torch.log_softmax(t, -1)
-            kl += float(divergence(t_logp, s_logp, "forward_kl").sum())
-            agree += float((t.argmax(-1) == s.argmax(-1)).sum())
+            t_rows, t_w = _response_states(teacher, ids, mask, keep, vocab_size)
+        for i in range(0, targets.numel(), chunk_tokens):
+            sl = slice(i, i + chunk_tokens)
+            s = _logits(s_rows, s_w, sl)
+            s_logp = torch.log_softmax(s, -1)
+            nll += float(-s_logp.gather(-1, targets[sl].unsqueeze(-1)).sum())
+            if teacher is not None:
+                t = _logits(t_rows, t_w, sl)
+                kl += float(divergence(torch.log_softmax(t, -1), s_logp, "forward_kl").sum())
+                agree += float((t.argmax(-1) == s.argmax(-1)).sum())
         n += int(keep.sum())
     if n == 0:
         return {}
