@@ -195,18 +195,6 @@ def _tempered_topk_bins(ls: torch.Tensor, topk: TopK, temperature: float) -> tup
             torch.log_softmax(_finite(s_bins) / temperature, dim=-1))
 
 
-def coarse_topk(s_logp: torch.Tensor, topk: TopK, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher and student log-probs on the k cached tokens (+ the rest bucket when k < vocab).
-
-    ``s_logp``: student log-probs at ``temperature`` ``[N, V]``.
-    """
-    ls = _finite(s_logp.float())
-    if temperature != 1.0 and topk.indices.shape[-1] < ls.shape[-1]:
-        return _tempered_topk_bins(ls, topk, temperature)
-    t_bins, s_bins, _ = _topk_bins(ls, topk, temperature)
-    return t_bins, s_bins
-
-
 def _topk_grad_to_vocab(g: torch.Tensor, ls: torch.Tensor, idx: torch.Tensor, s_rest) -> torch.Tensor:
     """Chain ``∂D/∂(student bins)`` ``[N, k(+1)]`` back to ``∂D/∂ls`` ``[N, V]``.
 
