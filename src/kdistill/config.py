@@ -260,6 +260,31 @@ class CacheConfig(Section):
 # --- on-policy, self- and preference distillation (issue 6) ---------------------------------
 
 
+class VllmConfig(Section):
+    """vLLM engine settings, used wherever ``engine: vllm`` is chosen (``teacher.engine`` for
+    ``kdistill generate``; ``on_policy.engine`` / ``on_policy_filter.engine`` / ``self_distill.engine``
+    for sampling from the student being trained). Optional extra: ``pip install 'kdistill[vllm]'``.
+
+    A student engine is *colocated*: it runs in the training process, on the same GPU, and is given
+    the student's current weights (``load_weights``) before every generation that follows an
+    optimizer step. One engine per training process (tensor parallel size 1).
+    """
+
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0.0, le=1.0, description="share of the GPU vLLM may take (weights + KV cache); the rest is training's"
+    )
+    max_model_len: Optional[int] = Field(None, ge=16, description="longest prompt + completion; none = data.max_length")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="the engine's weight dtype")
+    enable_sleep_mode: bool = Field(
+        False, description="free the engine's GPU memory (weights and KV cache) while the student trains"
+    )
+    enforce_eager: bool = Field(False, description="no CUDA graphs (less memory, slower decoding)")
+    extra: dict[str, Any] = Field(default_factory=dict, description="further vllm.LLM keyword arguments, passed as given")
+
+
+ENGINE_DESCRIPTION = "how the student's samples are generated: transformers (generate, KV cache) or vllm (see vllm:)"
+
+
 class OnPolicyConfig(Section):
     """``method: on_policy`` — generalized KD (GKD, Agarwal et al. 2024).
 
@@ -277,6 +302,7 @@ class OnPolicyConfig(Section):
     seq_kd: bool = Field(False, description="off-policy batches use the teacher's samples instead of the dataset's responses")
     temperature: float = Field(1.0, ge=0.0, description="sampling temperature (0 = greedy); the loss uses loss.temperature")
     max_new_tokens: int = Field(64, ge=1, description="longest sampled completion")
+    engine: Literal["transformers", "vllm"] = Field("transformers", description=ENGINE_DESCRIPTION)
 
 
 class RatingConfig(Section):
@@ -303,6 +329,7 @@ class OnPolicyFilterConfig(Section):
     temperature: float = Field(1.0, ge=0.0, description="sampling temperature (0 = greedy)")
     max_new_tokens: int = Field(64, ge=1)
     prompts_per_round: Optional[int] = Field(None, ge=1, description="training prompts per round (a seeded sample); none = all")
+    engine: Literal["transformers", "vllm"] = Field("transformers", description=ENGINE_DESCRIPTION)
 
 
 class SelfDistillConfig(Section):
@@ -318,6 +345,7 @@ class SelfDistillConfig(Section):
     temperature: float = Field(1.0, ge=0.0)
     max_new_tokens: int = Field(64, ge=1)
     prompts_per_round: Optional[int] = Field(None, ge=1)
+    engine: Literal["transformers", "vllm"] = Field("transformers", description=ENGINE_DESCRIPTION)
 
 
 class DPOConfig(Section):
@@ -372,6 +400,7 @@ class Config(Section):
     zephyr: ZephyrConfig = Field(default_factory=ZephyrConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     rating: RatingConfig = Field(default_factory=RatingConfig)
+    vllm: VllmConfig = Field(default_factory=VllmConfig)
 
     @field_validator("method")
     @classmethod

@@ -458,22 +458,33 @@ def _run_local(cfg, todo: list[Task], on_result, local=None) -> None:
                 on_result(t, None, None, "empty response", 1)
 
 
-def _run_vllm(cfg, todo: list[Task], on_result) -> None:  # pragma: no cover - needs a GPU and the vllm extra
-    """vLLM's offline engine (``teacher.engine: vllm``; ``pip install kdistill[vllm]``)."""
-    try:
-        from vllm import LLM, SamplingParams
-    except ImportError:
-        raise ConfigError("teacher.engine: vllm is not installed (pip install 'kdistill[vllm]')") from None
+def _run_vllm(cfg, todo: list[Task], on_result) -> None:
+    """vLLM's offline engine (``teacher.engine: vllm``, settings in ``vllm:``; an optional extra, GPU).
+
+    Prompts are rendered exactly as for ``engine: transformers`` (kdistill's renderer, honouring
+    ``data.chat_template``) and given to vLLM as token ids.
+    """
+    from vllm import SamplingParams
+
+    from kdistill.data import Example, Renderer
+    from kdistill.models import load_tokenizer, resolve_source
+    from kdistill.vllm_engine import build_llm
+
     g = cfg.generate
-    llm = LLM(model=cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code, seed=g.seed)
+    tok = load_tokenizer(cfg.teacher.model, "teacher.model", cfg.teacher.revision, cfg.teacher.trust_remote_code)
+    renderer = Renderer(tok, max_length=10**9, chat_template=cfg.data.chat_template)
+    llm = build_llm(resolve_source(cfg.teacher.model), cfg.vllm, "teacher.engine", seed=g.seed,
+                    trust_remote_code=cfg.teacher.trust_remote_code, revision=cfg.teacher.revision)
     params = SamplingParams(temperature=g.temperature, top_p=g.top_p or 1.0, max_tokens=g.max_new_tokens)
-    step = max(g.batch_size, 256)
+    step = max(g.batch_size, 256)  # vLLM schedules the batch itself; chunks only bound what a crash loses
     for i in range(0, len(todo), step):
         chunk = todo[i : i + step]
-        outs = llm.chat([t.messages for t in chunk], params, use_tqdm=False)
+        prompts = [{"prompt_token_ids": renderer.prompt_ids(Example(t.id, t.messages, None))} for t in chunk]
+        outs = llm.generate(prompts, params, use_tqdm=False)
         for t, o in zip(chunk, outs):
             c = o.outputs[0]
-            if c.text.strip():
-                on_result(t, c.text, c.finish_reason, None, 1)
+            text = tok.decode(list(c.token_ids), skip_special_tokens=True) if not c.text else c.text
+            if text.strip():
+                on_result(t, text, c.finish_reason, None, 1)
             else:
                 on_result(t, None, None, "empty response", 1)

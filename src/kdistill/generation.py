@@ -90,3 +90,33 @@ def sample_completions(
     finally:
         hf.train(was_training)
     return out
+
+
+class HFSampler:
+    """Student sampling with transformers (``engine: transformers``): :func:`sample_completions` on
+    whatever model is passed, so it always sees the current weights. The same call shape as
+    :class:`kdistill.vllm_engine.VllmSampler`."""
+
+    def __init__(self, tokenizer, batch_size: int = 8):
+        self.tokenizer, self.batch_size = tokenizer, batch_size
+        self.stats: dict = {}
+
+    def mark_stale(self) -> None:
+        """Nothing to do: generation runs on the live model."""
+
+    def __call__(self, model: nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+                 num_samples: int = 1) -> list[list[int]]:
+        return sample_completions(model, self.tokenizer, prompts, max_new_tokens, temperature, self.batch_size,
+                                  num_samples=num_samples)
+
+
+def make_sampler(engine: str, key: str, ctx, model: nn.Module, batch_size: int):
+    """The student sampler a method's ``engine`` setting asks for (``key`` names it in errors)."""
+    if engine == "vllm":
+        from pathlib import Path
+
+        from kdistill.vllm_engine import VllmSampler
+
+        return VllmSampler(model, ctx.tokenizer, Path(ctx.output_dir) / "vllm_student", ctx.cfg.vllm, key,
+                           seed=ctx.cfg.train.seed, max_model_len=ctx.cfg.data.max_length)
+    return HFSampler(ctx.tokenizer, batch_size)

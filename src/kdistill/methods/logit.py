@@ -39,8 +39,13 @@ class LogitMethod(Method):
             raise ValueError("loss.fused: true, but a model's logits are not hidden @ W.T (set loss.fused: auto)")
         return bool(can) if self.fused_setting == "auto" else bool(self.fused_setting)
 
+    def loss_kwargs(self, batch: dict) -> dict:
+        """The divergence settings for this batch (subclasses may change them per batch)."""
+        return self.kwargs
+
     def loss(self, model, batch, num_items):
         V = self.ctx.vocab_size
+        kw = self.loss_kwargs(batch)
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         loss = 0.0
         if self.use_fused(model):
@@ -50,23 +55,23 @@ class LogitMethod(Method):
                 if t.topk is not None:
                     part = fused_distill_loss(
                         s_hidden, s_weight[:V], None, None, labels, teacher_topk=t.topk,
-                        chunk_size=self.chunk_size, num_items=num_items, **self.kwargs,
+                        chunk_size=self.chunk_size, num_items=num_items, **kw,
                     )
                 elif t.hidden is not None:
                     part = fused_distill_loss(
                         s_hidden, s_weight[:V], t.hidden, t.weight, labels,
-                        chunk_size=self.chunk_size, num_items=num_items, **self.kwargs,
+                        chunk_size=self.chunk_size, num_items=num_items, **kw,
                     )
                 else:  # teacher gave logits: project the student densely, plain loss
                     logits = s_hidden @ s_weight[:V].t()
-                    part = distill_loss(logits, t.logits, labels, num_items=num_items, **self.kwargs)
+                    part = distill_loss(logits, t.logits, labels, num_items=num_items, **kw)
                 loss = loss + w * part
         else:
             logits = model(ids, mask)[..., :V]
             signal = self.ctx.teacher.signal(batch, hidden=False)
             for w, t in signal_parts(signal):
                 loss = loss + w * distill_loss(logits, t.logits, labels, num_items=num_items, teacher_topk=t.topk,
-                                               **self.kwargs)
+                                               **kw)
         return loss, {}
 
 

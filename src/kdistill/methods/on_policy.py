@@ -24,6 +24,7 @@ import torch
 
 from kdistill.data import collate
 from kdistill.feedback import completion_feature, eos_ids, hf_model, sample_completions
+from kdistill.generation import make_sampler
 from kdistill.methods import register
 from kdistill.methods.base import RunContext
 from kdistill.methods.logit import LogitMethod
@@ -40,6 +41,12 @@ class OnPolicyMethod(LogitMethod):
         self.temperature = float(oc.temperature)
         self.max_new_tokens = int(oc.max_new_tokens)
         self.max_length = ctx.cfg.data.max_length
+        self.engine = oc.engine
+        if self.engine == "vllm" and self.lam > 0:
+            from kdistill.vllm_engine import import_vllm
+
+            import_vllm("on_policy.engine")  # fail before any training when it is missing
+        self.sampler = None  # built on the first student batch (it needs the model)
         if getattr(ctx.teacher, "model", None) is None and (self.lam > 0 or self.seq_kd):
             raise ValueError("on_policy needs a live teacher model (the teacher must score new sequences)")
         if ctx.renderer is None:
@@ -58,7 +65,8 @@ class OnPolicyMethod(LogitMethod):
         return bool(torch.rand(()) < self.lam)
 
     def sampled_batch(self, batch: dict, generator, source: str) -> dict:
-        """The batch's prompts with completions sampled from ``generator`` (a causal LM)."""
+        """The batch's prompts with completions sampled from ``generator`` (a causal LM): the
+        student through ``on_policy.engine``, the teacher (``seq_kd``) with transformers."""
         row_ids = batch["ids"]
         missing = [i for i in row_ids if i not in self.prompts]
         if missing:
@@ -66,7 +74,12 @@ class OnPolicyMethod(LogitMethod):
         prompts = [self.prompts[i] for i in row_ids]
         tok = self.ctx.tokenizer
         room = max(1, min(self.max_new_tokens, self.max_length - max(len(p) for p in prompts)))
-        comps = sample_completions(generator, tok, prompts, room, self.temperature, batch_size=len(prompts))
+        if source == "student":
+            if self.sampler is None:
+                self.sampler = make_sampler(self.engine, "on_policy.engine", self.ctx, generator, len(prompts))
+            comps = self.sampler(generator, prompts, room, self.temperature)
+        else:
+            comps = sample_completions(generator, tok, prompts, room, self.temperature, batch_size=len(prompts))
         eos = set(eos_ids(hf_model(generator), tok))
         feats = [completion_feature(p, c, i, self.max_length) for p, c, i in zip(prompts, comps, row_ids)]
         self.sampled["completions"] += len(comps)
@@ -91,17 +104,18 @@ class OnPolicyMethod(LogitMethod):
 
     # -- loss ---------------------------------------------------------------------------------
 
+    def loss_kwargs(self, batch: dict) -> dict:
+        if batch.get("source") == "student":  # no cross-entropy on the student's own guesses
+            return {**self.kwargs, "hard_label_weight": 0.0}
+        return self.kwargs
+
     def loss(self, model, batch, num_items):
         on_policy = batch.get("source") == "student"
-        if on_policy and self.kwargs["hard_label_weight"] > 0:
-            saved = self.kwargs
-            self.kwargs = {**saved, "hard_label_weight": 0.0}
-            try:
-                loss, info = super().loss(model, batch, num_items)
-            finally:
-                self.kwargs = saved
-        else:
-            loss, info = super().loss(model, batch, num_items)
+        loss, info = super().loss(model, batch, num_items)
+        if self.sampler is not None:
+            # an optimizer step follows this step's losses, and every batch of the step was prepared
+            # before its first loss: the next generation must see the new weights
+            self.sampler.mark_stale()
         if self.lam > 0:
             info = {**info, "on_policy": 1.0 if on_policy else 0.0}
         return loss, info
@@ -121,6 +135,8 @@ class OnPolicyMethod(LogitMethod):
             "sampled_completions": s["completions"],
             "mean_completion_tokens": round(s["tokens"] / s["completions"], 2) if s["completions"] else None,
             "completions_ending_with_eos": round(s["ended_with_eos"] / s["completions"], 4) if s["completions"] else None,
+            "engine": self.engine,
+            **({"engine_" + k: v for k, v in self.sampler.stats.items()} if self.sampler is not None else {}),
             "note": "counts cover the micro-batches of this process since the run (or its resume) started",
         }
 

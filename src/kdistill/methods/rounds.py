@@ -41,11 +41,11 @@ from kdistill.feedback import (
     load_saved,
     loglik_scores,
     mark_done,
-    sample_completions,
     save_model,
     stage_done,
     write_jsonl,
 )
+from kdistill.generation import make_sampler
 from kdistill.methods import register
 from kdistill.methods.base import Method, RunContext
 from kdistill.stages import combine_metrics, require_single_process
@@ -90,6 +90,11 @@ class RoundsMethod(Method):
         self.sc = getattr(ctx.cfg, self.name)
         require_single_process(self.name)
         self.rounds: list[dict] = []
+        self.sampler = None  # the student's sampler (``engine``), built on first use
+        if self.sc.engine == "vllm":
+            from kdistill.vllm_engine import import_vllm
+
+            import_vllm(f"{self.name}.engine")  # fail before any work when it is missing
         if self.scorer_kind() != "self":
             teacher_model(ctx, f"{self.name} with scorer {self.scorer_kind()}")
 
@@ -120,12 +125,14 @@ class RoundsMethod(Method):
         eos = set(eos_ids(hf_model(student), tok))
         torch.manual_seed(ctx.cfg.train.seed * 1000 + r)
         store = JsonlStore(rdir / "candidates.jsonl")
+        if self.sampler is None:
+            self.sampler = make_sampler(sc.engine, f"{self.name}.engine", ctx, student, ctx.cfg.eval.batch_size)
+        self.sampler.mark_stale()  # the student was fine-tuned (or reloaded) since the last round
 
         def make(examples) -> list[dict]:
             prompt_ids = [renderer.prompt_ids(e) for e in examples]
             room = max(1, min(sc.max_new_tokens, max_len - max(len(p) for p in prompt_ids)))
-            comps = sample_completions(student, tok, prompt_ids, room, sc.temperature, ctx.cfg.eval.batch_size,
-                                       num_samples=sc.n)
+            comps = self.sampler(student, prompt_ids, room, sc.temperature, num_samples=sc.n)
             feats, texts, prompts = [], [], []
             for i, c in enumerate(comps):
                 j = i // sc.n
@@ -206,6 +213,8 @@ class RoundsMethod(Method):
             "mean_score_per_round": [r["mean_score"] for r in self.rounds],
             "mean_kept_score_per_round": [r["mean_kept_score"] for r in self.rounds],
             "rounds": self.rounds,
+            "engine": self.sc.engine,
+            **({"engine_" + k: v for k, v in self.sampler.stats.items()} if self.sampler is not None else {}),
             "data": f"{self.name}/round-N/{{candidates,kept}}.jsonl, scores.json",
         }
 
