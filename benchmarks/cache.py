@@ -25,26 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-
-
-def _models(args):
-    from kdistill.models import cut_student, load_model
-
-    try:
-        teacher, tok = load_model("demo")
-        name = "SmolLM2-135M-Instruct (demo teacher)"
-    except Exception as exc:  # noqa: BLE001 - fall back to a synthetic model of similar shape
-        print(f"demo teacher unavailable ({exc}); using a synthetic Llama", file=sys.stderr)
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from conftest import make_llama, make_tokenizer
-
-        tok = make_tokenizer(400)
-        teacher = make_llama(len(tok), layers=12, hidden=256)
-        name = "synthetic Llama (12 layers, hidden 256)"
-    n = len(teacher.model.layers)
-    keep = sorted({round(i * (n - 1) / (args.student_layers - 1)) for i in range(args.student_layers)})
-    student = cut_student(teacher, keep)
-    return teacher, student, tok, name
+from bench_models import teacher_and_student
 
 
 def _rows(n: int) -> list[dict]:
@@ -83,7 +64,7 @@ def main(argv=None) -> int:
     from kdistill.teachers.cache import CachedTeacher
     from kdistill.teachers.local import LocalTeacher
 
-    teacher, student, tok, tname = _models(args)
+    teacher, student, tok, tname = teacher_and_student(args.student_layers)
     V = min(output_vocab_size(teacher), len(tok))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -42,30 +42,18 @@ def main() -> int:
         print("on_policy_engines: skipped (vllm is not installed; it needs a CUDA GPU)")
         return 0
     import torch
+    from bench_models import teacher_and_student
 
     from kdistill.config import VllmConfig
     from kdistill.data import Example, Renderer
     from kdistill.demo.task import make_rows, split_names
     from kdistill.generation import HFSampler
-    from kdistill.models import cut_student, load_model
     from kdistill.vllm_engine import VllmSampler
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        teacher, tok = load_model("demo")
-        name = "SmolLM2-135M-Instruct"
-    except Exception as exc:  # noqa: BLE001
-        print(f"demo teacher unavailable ({exc}); using a synthetic Llama", file=sys.stderr)
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from conftest import make_llama, make_tokenizer
-
-        tok = make_tokenizer(400)
-        teacher = make_llama(len(tok), layers=12, hidden=256)
-        name = "synthetic Llama"
-    n = len(teacher.model.layers)
-    k = min(args.student_layers, n)
-    keep = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
-    student = cut_student(teacher, keep).to(device)
+    teacher, student, tok, name = teacher_and_student(args.student_layers)
+    k = len(student.model.layers)
+    student = student.to(device)
     del teacher
     renderer = Renderer(tok, 512)
     rows = make_rows(args.prompts, split_names()[0], 1, "bench")
