@@ -1,4 +1,5 @@
-"""Peak memory and forward+backward time: ``fused_distill_loss`` against a naive reference.
+"""Peak memory and forward+backward time: ``fused_distill_loss`` against a naive reference
+(and ``label_logprobs``, the chunked cross-entropy / DPO / scoring path, against ``F.cross_entropy``).
 
 The naive reference is what a straightforward implementation does: materialize the
 ``[tokens, vocab]`` student and teacher logits, apply the textbook formula of the divergence,
@@ -35,7 +36,8 @@ import subprocess
 import sys
 import time
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd",
+               "cross_entropy")  # the last: no teacher; label log-probs (SFT, DPO, scoring)
 BETA, SKEW, TEMPERATURE = 0.5, 0.1, 1.0
 
 
@@ -47,6 +49,8 @@ def naive_loss(h, w, th, tw, labels, divergence, temperature=TEMPERATURE, beta=B
     """Materialized logits, textbook formulas, autograd."""
     import torch
 
+    if divergence == "cross_entropy":  # what PyTorch users write: F.cross_entropy on the full logits
+        return torch.nn.functional.cross_entropy((h @ w.t()).float(), labels)
     s = (h @ w.t()).float() / temperature
     with torch.no_grad():
         t = (th @ tw.t()).float() / temperature
@@ -72,7 +76,10 @@ def naive_loss(h, w, th, tw, labels, divergence, temperature=TEMPERATURE, beta=B
 
 
 def fused_loss(h, w, th, tw, labels, divergence):
-    from kdistill.losses import fused_distill_loss
+    from kdistill.losses import fused_distill_loss, label_logprobs
+
+    if divergence == "cross_entropy":
+        return -label_logprobs(h, w, labels).sum() / (labels != -100).sum()
 
     return fused_distill_loss(h, w, th, tw, labels, divergence=divergence, temperature=TEMPERATURE, beta=BETA, skew=SKEW)
 

@@ -98,3 +98,54 @@ def test_example_configs_are_valid(name):
 
     cfg = load_config(str(Path(__file__).parent.parent / "examples" / f"{name}.yaml"))
     assert cfg.method == name
+
+
+@pytest.mark.parametrize("chunk", [1, 3, "auto"])
+def test_label_logprobs_fused_equals_plain_value_and_gradient(chunk):
+    """The chunked projection gives the float64 log-softmax values and gradients, 0 at -100."""
+    from kdistill.losses import label_logprobs
+
+    torch.manual_seed(1)
+    h = torch.randn(2, 6, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[-100, 3, 49, -100, 0, 7], [1, -100, -100, 2, 2, -100]])
+    g = torch.randn(2, 6, dtype=torch.float64)
+    mask = labels != -100
+    ref = torch.log_softmax(h @ w.t(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    (ref * g).sum().backward()
+    want_h, want_w = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    got = label_logprobs(h, w, labels, chunk)
+    assert got.dtype == torch.float32 and got.shape == labels.shape
+    assert torch.allclose(got.double(), ref.detach(), atol=1e-5) and (got[~mask] == 0).all()
+    (got * g.float()).sum().backward()
+    assert torch.allclose(h.grad, want_h, atol=1e-5) and torch.allclose(w.grad, want_w, atol=1e-5)
+    assert (h.grad[~mask] == 0).all()
+
+
+def test_model_label_logprobs_fused_and_plain_paths_agree(tiny):
+    """A student wrapper (fused), the bare model (fused) and a model whose head is not hidden @ W.T
+    (plain logits) give the same log-probs and the same gradients."""
+    from kdistill.methods.base import StudentLM, model_label_logprobs
+
+    model, tok = load_model(str(tiny / "student"))
+    model = model.double()
+    torch.manual_seed(0)
+    ids = torch.randint(3, len(tok), (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    labels = torch.roll(ids, -1, 1)
+    labels[:, :3] = -100
+    labels[1, 5:] = -100
+    wrapper = StudentLM(model)
+    assert wrapper.can_fuse
+    fused = model_label_logprobs(wrapper, ids, mask, labels, len(tok), chunk_size=4)
+    bare = model_label_logprobs(model, ids, mask, labels, len(tok), chunk_size=4)
+    fused.sum().backward()
+    g_fused = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    wrapper.can_fuse = False  # the plain path: the model's own logits
+    plain = model_label_logprobs(wrapper, ids, mask, labels, len(tok))
+    plain.sum().backward()
+    assert torch.allclose(fused.double(), plain.double(), atol=1e-5) and torch.allclose(bare, fused)
+    assert torch.allclose(model.lm_head.weight.grad, g_fused, atol=1e-5)

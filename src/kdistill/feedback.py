@@ -24,7 +24,7 @@ from torch import nn
 
 from kdistill.data import IGNORE_INDEX, Example, collate
 from kdistill.generation import cut_at_eos, eos_ids, hf_model, sample_completions  # noqa: F401 (used by the methods)
-from kdistill.losses import sequence_logprobs
+from kdistill.methods.base import model_label_logprobs
 
 DEFAULT_JUDGE_TEMPLATE = (
     "Question: {prompt}\n\nAnswer: {answer}\n\n"
@@ -52,9 +52,8 @@ def loglik_scores(model: nn.Module, features: list[dict], pad_id: int, vocab_siz
     for i in range(0, len(features), batch_size):
         b = collate(features[i : i + batch_size], pad_id)
         labels = b["labels"].to(device)
-        logits = hf(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                    use_cache=False).logits[..., :vocab_size]
-        sums = sequence_logprobs(logits, labels)
+        sums = model_label_logprobs(hf, b["input_ids"].to(device), b["attention_mask"].to(device), labels,
+                                    vocab_size).sum(-1)
         counts = (labels != IGNORE_INDEX).sum(-1).clamp(min=1)
         scores += (sums / counts).tolist()
     return scores

@@ -476,6 +476,83 @@ def fused_distill_loss(
     )
 
 
+class _LabelLogprobs(torch.autograd.Function):
+    """Chunked ``log softmax(hidden @ weight.T)[label]``; the backward recomputes each chunk's logits.
+
+    The output is a vector (its upstream gradient is not known in the forward pass), so unlike
+    :class:`_FusedDistill` the gradient cannot be formed ahead: the forward keeps only the
+    per-row log-normalizers, and the backward projects each chunk again and applies
+    ``d log p(y) / d logits = onehot(y) − softmax``.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size):
+        rows = (labels != IGNORE_INDEX).nonzero().squeeze(-1)
+        out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
+        for start in range(0, rows.numel(), chunk_size):
+            r = rows[start : start + chunk_size]
+            logits = (hidden.index_select(0, r) @ weight.t()).float()
+            lse[start : start + r.numel()] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, labels.index_select(0, r).unsqueeze(1)).squeeze(1)
+            out.index_copy_(0, r, picked - lse[start : start + r.numel()])
+            del logits
+        ctx.save_for_backward(hidden, weight, labels, rows, lse)
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, labels, rows, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        g_all = grad_out.float()
+        for start in range(0, rows.numel(), ctx.chunk_size):
+            r = rows[start : start + ctx.chunk_size]
+            h = hidden.index_select(0, r)
+            g = g_all.index_select(0, r)
+            d = torch.exp((h @ weight.t()).float() - lse[start : start + r.numel()].unsqueeze(1))  # softmax
+            d.mul_(-g.unsqueeze(1))
+            d.scatter_add_(1, labels.index_select(0, r).unsqueeze(1), g.unsqueeze(1))  # + onehot(y)·g
+            if need_h:
+                grad_h.index_copy_(0, r, (d.to(weight.dtype) @ weight).to(grad_h.dtype))
+            if need_w:
+                grad_w.addmm_(d.t(), h.float())
+            del d
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None
+
+
+def label_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: Union[int, str, None] = "auto",
+) -> torch.Tensor:
+    """Log-probability of each position's label under ``softmax(hidden @ weight.T)``, chunk by chunk.
+
+    The fused counterpart of ``log_softmax(logits).gather(label)`` for cross-entropy, DPO and
+    log-likelihood scoring: only labelled positions are projected, a few at a time, so no
+    ``[tokens, vocab]`` tensor exists whole (forward or backward).
+
+    Args:
+        hidden: final hidden states ``[batch, seq, hidden]`` (or ``[tokens, hidden]``).
+        weight: output layer ``[vocab, hidden]``.
+        labels: ``[batch, seq]`` (or ``[tokens]``), aligned with the positions, -100 = ignore.
+        chunk_size: positions per chunk, or ``"auto"`` (:func:`auto_chunk_size`).
+    Returns:
+        float32 log-probs shaped like ``labels``, 0 where the label is -100; differentiable with
+        respect to ``hidden`` and ``weight``.
+    """
+    H = hidden.shape[-1]
+    lab = labels.reshape(-1)
+    if chunk_size is None or chunk_size == "auto":
+        chunk_size = auto_chunk_size(max(int((lab != IGNORE_INDEX).sum()), 1), weight.shape[0], H)
+    elif not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or 'auto', got {chunk_size!r}")
+    return _LabelLogprobs.apply(hidden.reshape(-1, H), weight, lab, chunk_size).view(labels.shape)
+
+
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of token cross-entropies in float32 (``[..., V]`` logits, aligned labels, -100 ignored)."""
     return F.cross_entropy(

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from kdistill.data import IGNORE_INDEX
+from kdistill.generation import hf_model
+from kdistill.losses import label_logprobs
 from kdistill.teachers.local import final_hidden, supports_hidden
 
 
@@ -47,6 +49,31 @@ class StudentLM(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
+def model_label_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         labels: torch.Tensor, vocab_size: int, chunk_size="auto") -> torch.Tensor:
+    """``[batch, seq]`` float32 log-probabilities of the (aligned) labels under ``model``; 0 at -100.
+
+    ``model`` is a :class:`StudentLM` (possibly DDP-wrapped) or a plain causal LM. When its logits
+    are ``hidden @ W.T`` the vocabulary projection is chunked (:func:`kdistill.losses.label_logprobs`:
+    no ``[tokens x vocab]`` tensor); otherwise the model's logits are used as they are.
+    """
+    inner = getattr(model, "module", model)
+    if isinstance(inner, StudentLM):
+        if inner.can_fuse:
+            h, w = model(input_ids, attention_mask, hidden=True)
+            return label_logprobs(h, w[:vocab_size], labels, chunk_size)
+        logits = model(input_ids, attention_mask)[..., :vocab_size]
+    else:
+        hf = hf_model(model)
+        if supports_hidden(hf):
+            h = final_hidden(hf, input_ids, attention_mask)
+            return label_logprobs(h, hf.get_output_embeddings().weight[:vocab_size], labels, chunk_size)
+        logits = hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[..., :vocab_size]
+    mask = labels != IGNORE_INDEX
+    lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return lp * mask
+
+
 class Method:
     """Base class: supervised on the batch's own labels (cross-entropy). Override :meth:`loss`."""
 
@@ -68,11 +95,11 @@ class Method:
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
     def loss(self, model: nn.Module, batch: dict, num_items) -> tuple[torch.Tensor, dict]:
-        """Loss for one micro-batch, already divided by ``num_items`` (global count)."""
-        from kdistill.losses import cross_entropy_sum
-
-        logits = model(batch["input_ids"], batch["attention_mask"])
-        return cross_entropy_sum(logits, batch["labels"]) / num_items, {}
+        """Loss for one micro-batch, already divided by ``num_items`` (global count): here the
+        cross-entropy of the labelled tokens (chunked over the vocabulary when the head allows)."""
+        lp = model_label_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                  self.ctx.vocab_size, self.ctx.cfg.loss.chunk_size)
+        return -lp.sum() / num_items, {}
 
     def summary(self) -> dict:
         """Method-specific figures for the report."""

@@ -22,9 +22,9 @@ import torch
 from kdistill.data import IGNORE_INDEX, Example, collate, parse_row, read_jsonl
 from kdistill.errors import DataError
 from kdistill.feedback import hf_model, load_saved, mark_done, save_model, stage_done
-from kdistill.losses import dpo_loss, sequence_logprobs
+from kdistill.losses import dpo_loss
 from kdistill.methods import register
-from kdistill.methods.base import Method, RunContext
+from kdistill.methods.base import Method, RunContext, model_label_logprobs
 from kdistill.stages import combine_metrics, require_single_process, train_config
 
 
@@ -59,9 +59,8 @@ def pair_logps(model, features: list[dict], pad_id: int, vocab_size: int, batch_
     for i in range(0, len(features), batch_size):
         chunk = features[i : i + batch_size]
         b = collate_pairs(chunk, pad_id)
-        logits = hf(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                    use_cache=False).logits[..., :vocab_size]
-        lp = sequence_logprobs(logits, b["labels"].to(device)).tolist()
+        lp = model_label_logprobs(hf, b["input_ids"].to(device), b["attention_mask"].to(device),
+                                  b["labels"].to(device), vocab_size).sum(-1).tolist()
         ch += lp[: len(chunk)]
         rj += lp[len(chunk):]
     hf.train(was)
@@ -108,8 +107,8 @@ class DPOMethod(Method):
     def loss(self, model, batch, num_items):
         V = self.ctx.vocab_size
         n = batch["n_pairs"]
-        logits = model(batch["input_ids"], batch["attention_mask"])[..., :V]
-        logps = sequence_logprobs(logits, batch["labels"])
+        logps = model_label_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"], V,
+                                     self.ctx.cfg.loss.chunk_size).sum(-1)
         ref = batch["ref_logps"]
         losses, rc, rr = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], self.beta, self.label_smoothing)
         margin, acc = float((rc - rr).mean()), float((rc > rr).float().mean())
