@@ -187,3 +187,20 @@ def test_missing_vllm_is_one_line_before_training(tiny, tmp_path, capsys, monkey
     assert rc == 2 and len(lines) == 1
     assert "on_policy.engine: vllm is not installed" in lines[0]
     assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_zephyr_feedback_candidates_sample_through_vllm(fake_vllm, tiny, tmp_path):
+    out = tmp_path / "z"
+    cfg = fast(tiny, out, method="zephyr", train={"max_steps": 2, "batch_size": 8},
+               zephyr={"max_new_tokens": 4, "candidates": 2, "feedback_prompts": 4, "win_rate_prompts": 2,
+                       "engine": "vllm", "scorer": "loglik"},
+               dpo={"max_steps": 1})
+    rep = run(load_config(base=cfg), progress=False)
+    (engine,) = fake_vllm.ENGINES
+    assert rep["method_summary"]["engine_weight_loads"] == 1 and all(c["params"].n == 2 for c in engine.calls)
+    from safetensors.torch import load_file
+
+    sft = load_file(str(out / "zephyr" / "1-sft" / "student" / "model.safetensors"))  # candidates: the dSFT student
+    assert all(torch.equal(sft[k], engine.calls[0]["state"][k]) for k in sft if k in engine.calls[0]["state"])
+    rows = [json.loads(l) for l in (out / "zephyr" / "2-feedback" / "candidates.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(len(r["candidates"]) == 2 for r in rows)

@@ -263,7 +263,7 @@ class CacheConfig(Section):
 class VllmConfig(Section):
     """vLLM engine settings, used wherever ``engine: vllm`` is chosen (``teacher.engine`` for
     ``kdistill generate``; ``on_policy.engine`` / ``on_policy_filter.engine`` / ``self_distill.engine``
-    for sampling from the student being trained). Optional extra: ``pip install 'kdistill[vllm]'``.
+    / ``zephyr.engine`` for sampling from the student being trained). Optional extra: ``pip install 'kdistill[vllm]'``.
 
     A student engine is *colocated*: it runs in the training process, on the same GPU, and is given
     the student's current weights (``load_weights``) before every generation that follows an
@@ -376,6 +376,9 @@ class ZephyrConfig(Section):
     min_margin: float = Field(0.0, ge=0.0, description="skip prompts whose best and rejected scores differ by no more than this")
     feedback_prompts: Optional[int] = Field(None, ge=1, description="training prompts used for AI feedback; none = all")
     win_rate_prompts: int = Field(32, ge=1, description="held-out prompts for the final-vs-dSFT win rate")
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="how the student's AI-feedback candidates are sampled (vllm: see vllm:)"
+    )
 
 
 class Config(Section):

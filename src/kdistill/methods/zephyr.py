@@ -47,6 +47,7 @@ from kdistill.feedback import (
     stage_done,
     write_jsonl,
 )
+from kdistill.generation import make_sampler
 from kdistill.methods import register
 from kdistill.methods.base import Method, RunContext
 from kdistill.methods.dpo import dpo_stage, encode_pair
@@ -76,6 +77,11 @@ class Zephyr(Method):
         self.teacher = teacher_model(ctx, "zephyr")
         self.stages: dict = {}
         self.root = Path(ctx.output_dir) / "zephyr"
+        self.sampler = None
+        if self.zc.engine == "vllm":
+            from kdistill.vllm_engine import import_vllm
+
+            import_vllm("zephyr.engine")  # fail before any work when it is missing
 
     # -- stage 1: dSFT ------------------------------------------------------------------------------
     def sft(self, student, runner):
@@ -149,11 +155,12 @@ class Zephyr(Method):
         runner.say(f"zephyr 2/3 AI feedback: {zc.candidates} student samples per prompt"
                    + (f" + {len(others)} other models" if others else "") + f", rated by the teacher ({zc.scorer})")
 
+        self.sampler = make_sampler(zc.engine, "zephyr.engine", ctx, student, ctx.cfg.eval.batch_size)
+
         def rate(examples):
             pids = [renderer.prompt_ids(e) for e in examples]
             room = max(1, min(zc.max_new_tokens, ctx.cfg.data.max_length - max(len(p) for p in pids)))
-            comps = sample_completions(student, tok, pids, room, zc.candidate_temperature, ctx.cfg.eval.batch_size,
-                                       num_samples=zc.candidates)
+            comps = self.sampler(student, pids, room, zc.candidate_temperature, num_samples=zc.candidates)
             cands = [[{"text": tok.decode(comps[j * zc.candidates + k], skip_special_tokens=True).strip(),
                        "source": "student"} for k in range(zc.candidates)] for j in range(len(examples))]
             for spec, model, otok, orend in others:
@@ -263,6 +270,8 @@ class Zephyr(Method):
             "dpo_reward_margin": (dpo.get("after") or {}).get("reward_margin"),
             "dpo_reward_accuracy": (dpo.get("after") or {}).get("reward_accuracy"),
             "stages": self.stages,
+            "candidate_engine": self.zc.engine,
+            **({"engine_" + k: v for k, v in self.sampler.stats.items()} if self.sampler is not None else {}),
             "data": "zephyr/1-sft/teacher.jsonl, zephyr/2-feedback/{candidates,pairs}.jsonl, zephyr/win_rate.json",
         }
 
