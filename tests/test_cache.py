@@ -177,7 +177,8 @@ def test_resume_after_sigkill_exactly_once(tiny, tiny_cache, tmp_path):
         with np.load(path / e["file"]) as z:
             ids += [x.decode() for x in z["sample_ids"].tolist()]
     assert len(ids) == len(set(ids)) == 64  # none missing, none twice
-    assert sorted(f.name for f in path.iterdir()) == sorted(["manifest.json"] + [e["file"] for e in m["shards"]])
+    assert sorted(f.name for f in path.iterdir()) == sorted(["manifest.json", "teacher_eval.json"]
+                                                            + [e["file"] for e in m["shards"]])  # no leftovers
     got, ref = _all_cached(path), _all_cached(ref_path)
     assert got.keys() == ref.keys()
     for sid in ref:
@@ -288,3 +289,25 @@ def test_cache_refused_for_methods_that_train_on_other_sequences(tiny, tiny_cach
     cfg = load_config(None, [], base=base_config(tiny, tmp_path, method="on_policy", teacher={"cache": str(path)}))
     with pytest.raises(ConfigError, match="teacher.cache: .*method on_policy trains on other sequences"):
         build_teacher(cfg, SimpleNamespace(tokenizer=None, vocab_size=0, teacher=None), [])
+
+
+def test_cache_stores_teacher_figures_so_cache_only_runs_report_retention(tiny, tiny_cache, tmp_path):
+    """cache-teacher evaluates the teacher on data.eval; a run from the cache alone, with the same
+    held-out rows and eval settings, reports the teacher's figures and retention; other settings
+    get none (never figures measured on something else)."""
+    path, stats = tiny_cache
+    saved = json.loads((path / "teacher_eval.json").read_text())
+    assert stats["teacher_eval"] == saved["metrics"] and "perplexity" in saved["metrics"] and saved["params"] > 0
+    out = tmp_path / "run"
+    cfg = base_config(tiny, out, teacher={"model": None, "cache": str(path)},
+                      student={"model": str(tiny / "student"), "init": None}, train={"max_steps": 2})
+    cfg["eval"] = {**cfg["eval"], "speed_prompts": 0}  # same held-out rows, same generate / match settings
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(tmp_path / "c.yaml"), "--no-progress"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["teacher"]["metrics"] == saved["metrics"] and rep["teacher"]["params"] == saved["params"]
+    assert "perplexity" in rep["retention"] and "retention" not in rep.get("unavailable", {})
+    assert "kl_to_teacher" in rep["unavailable"]  # still: no teacher logits on held-out rows
+    # kdistill eval from the cache alone: the same teacher figures, no traceback
+    assert main(["eval", str(tmp_path / "c.yaml")]) == 0
+    assert json.loads((out / "report.json").read_text())["teacher"]["metrics"] == saved["metrics"]

@@ -521,4 +521,32 @@ def cache_teacher(cfg, say: Callable[[str], None] = log.info, progress: bool = T
     }
     say(f"cache: {stats['rows']} rows, {tokens:,} tokens, top-{k}, {stats['bytes'] / 2**20:.2f} MiB on disk = "
         f"{stats['bytes_per_token']} bytes per token ({len(manifest['shards'])} shards) in {path}")
+    stats["teacher_eval"] = _teacher_eval(cfg, teacher, tok, vocab, path, device, say)
     return stats
+
+
+def _teacher_eval(cfg, teacher, tok, vocab: int, path: Path, device, say) -> Optional[dict]:
+    """The teacher's held-out figures, stored beside the cache so that runs training from the cache
+    alone can report retention (see :func:`kdistill.pipeline.cached_teacher_eval`)."""
+    from kdistill.data import encode_examples
+    from kdistill.pipeline import TEACHER_EVAL_FILE, Models, _renderer, eval_fingerprint, load_data, model_metrics
+
+    try:
+        _, eval_rows = load_data(cfg)
+    except KDistillError as exc:
+        say(f"cache: no teacher figures stored ({exc})")
+        return None
+    fp = eval_fingerprint(cfg, eval_rows)
+    out = path / TEACHER_EVAL_FILE
+    if out.is_file() and json.loads(out.read_text()).get("fingerprint") == fp:
+        return json.loads(out.read_text())["metrics"]
+    renderer = _renderer(cfg, tok)
+    feats, _ = encode_examples(renderer, eval_rows)
+    say(f"cache: evaluating the teacher on {len(eval_rows)} held-out rows (stored in {out}, for retention)")
+    m = Models(teacher, None, tok, vocab, cfg.teacher.model, "")
+    ev = model_metrics(teacher, m, cfg, renderer, eval_rows, feats, False, device)
+    from kdistill.models import count_params
+
+    _atomic_write(out, json.dumps({"fingerprint": fp, "teacher": cfg.teacher.model, "rows": len(eval_rows),
+                                   "params": count_params(teacher), **ev}, indent=1).encode())
+    return ev["metrics"]

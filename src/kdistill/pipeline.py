@@ -168,6 +168,45 @@ def model_metrics(model, m: Models, cfg: Config, renderer: Renderer, eval_rows, 
     return {"metrics": {k: round(v, 6) for k, v in metrics.items()}, "outputs": outputs}
 
 
+TEACHER_EVAL_FILE = "teacher_eval.json"  # in a teacher cache folder: the teacher's held-out figures
+
+
+def eval_fingerprint(cfg: Config, eval_rows: list[Example]) -> str:
+    """What a model's held-out figures depend on: the rows, how they are rendered, the eval settings."""
+    import hashlib
+
+    key = {
+        "rows": [[e.id, e.messages, e.response, e.reference] for e in eval_rows],
+        "data": [cfg.data.max_length, cfg.data.system_prompt, cfg.data.chat_template],
+        "eval": [cfg.eval.generate, cfg.eval.max_new_tokens, cfg.eval.match],
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached_teacher_eval(cfg: Config, eval_rows: list[Example], say: Callable[[str], None] = log.info) -> dict:
+    """The teacher's held-out figures when the teacher is only an offline cache.
+
+    ``kdistill cache-teacher`` evaluates the teacher on ``data.eval`` while it has it loaded and
+    stores the result in the cache folder; it is used when it was made for these very rows and
+    settings (:func:`eval_fingerprint`). Otherwise there are no teacher figures (and no retention).
+    """
+    from kdistill.teachers.build import teacher_configs
+
+    want = eval_fingerprint(cfg, eval_rows)
+    for t in teacher_configs(cfg):
+        if not t.cache:
+            continue
+        path = Path(t.cache) / TEACHER_EVAL_FILE
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("fingerprint") == want:
+                say(f"teacher figures: from {path} (measured by cache-teacher on these held-out rows)")
+                return {"metrics": saved["metrics"], "outputs": saved.get("outputs", []), "params": saved.get("params")}
+    say("teacher figures: none (the teacher is only a cache, and no cache holds figures for these held-out rows and "
+        "eval settings: run `kdistill cache-teacher` with this data.eval / eval: section to get retention)")
+    return {"metrics": {}, "outputs": []}
+
+
 def _cached(path: Path, fn: Callable[[], dict]) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
@@ -195,7 +234,8 @@ def build_report(cfg: Config, m: Models, teacher_ev: dict, initial_ev: Optional[
     rep: dict = {
         "method": cfg.method,
         "teacher": {"name": m.teacher_name, "metrics": teacher_ev["metrics"],
-                    "params": count_params(m.teacher) if m.teacher is not None else m.extra.get("teacher_params")},
+                    "params": count_params(m.teacher) if m.teacher is not None
+                    else (m.extra.get("teacher_params") or teacher_ev.get("params"))},
         "student": {"name": m.student_name, "params": count_params(m.student), "metrics": final_ev["metrics"],
                     "teacher_layers": m.teacher_layers},
         "eval_rows": len(eval_rows),
@@ -298,8 +338,8 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
 
     if acc.is_main_process:
         say(f"evaluating the teacher and the initial student on {len(eval_rows)} held-out rows")
-    if m.teacher is None:  # trained from a cache only: no teacher model to measure
-        teacher_ev = {"metrics": {}, "outputs": []}
+    if m.teacher is None:  # trained from a cache only: the figures cache-teacher measured, if any
+        teacher_ev = cached_teacher_eval(cfg, eval_rows, say if acc.is_main_process else (lambda _: None))
     else:
         teacher_ev = _cached(out / "eval_teacher.json",
                              lambda: model_metrics(m.teacher, m, cfg, eval_renderer, eval_rows, eval_feats, False, device))
@@ -344,8 +384,10 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
     rep = build_report(cfg, m, teacher_ev, initial_ev, final_ev, eval_rows, speed, training, method.summary())
     if m.teacher is None:
         why = "trained from an offline teacher cache without teacher.model"
-        rep.setdefault("unavailable", {}).update(
-            {"teacher metrics": why, "kl_to_teacher": why, "top1_agreement": why, "retention": why})
+        rep.setdefault("unavailable", {}).update({"kl_to_teacher": why, "top1_agreement": why})
+        if not teacher_ev["metrics"]:
+            why += " (and the cache holds no teacher figures for these held-out rows)"
+            rep["unavailable"].update({"teacher metrics": why, "retention": why})
     if acc.is_main_process:
         sdir = out / "student"
         student.save_pretrained(str(sdir))
@@ -367,12 +409,15 @@ def evaluate_only(cfg: Config, say: Callable[[str], None] = log.info) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     m = load_models(cfg, train_rows, out, say)
-    m.teacher.to(device)
     m.student.to(device)
     renderer = _renderer(cfg, m.tokenizer)
     eval_feats, _ = encode_examples(renderer, eval_rows)
-    say(f"evaluating teacher and student on {len(eval_rows)} held-out rows")
-    teacher_ev = model_metrics(m.teacher, m, cfg, renderer, eval_rows, eval_feats, False, device)
+    say(f"evaluating {'teacher and ' if m.teacher is not None else ''}student on {len(eval_rows)} held-out rows")
+    if m.teacher is None:  # the teacher is only a cache
+        teacher_ev = cached_teacher_eval(cfg, eval_rows, say)
+    else:
+        m.teacher.to(device)
+        teacher_ev = model_metrics(m.teacher, m, cfg, renderer, eval_rows, eval_feats, False, device)
     student_ev = model_metrics(m.student, m, cfg, renderer, eval_rows, eval_feats, True, device)
     speed = _speed(m, renderer, eval_rows, cfg, device)
     rep = build_report(cfg, m, teacher_ev, None, student_ev, eval_rows, speed, None, None)
