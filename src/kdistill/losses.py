@@ -181,20 +181,6 @@ def _topk_bins(ls: torch.Tensor, topk: TopK, temperature: float):
     return t_bins, torch.cat([s_top, s_rest], dim=-1), s_rest
 
 
-def _tempered_topk_bins(ls: torch.Tensor, topk: TopK, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k bins of teacher and student at T ≠ 1, treated alike: ``[N, k+1]`` log-probs each.
-
-    Both distributions are binned at T = 1 (the student's T = 1 log-probs are
-    ``log_softmax(T · ls)``, exactly, by shift invariance), then each bin's log-mass is divided by T
-    and renormalized. Treating the rest bucket as one token on *both* sides keeps the minimum where
-    the student equals the teacher (loss 0), which tempering only the teacher's bins would not.
-    """
-    ls1 = torch.log_softmax(ls * temperature, dim=-1)
-    t_bins, s_bins, _ = _topk_bins(ls1, topk, 1.0)
-    return (torch.log_softmax(t_bins / temperature, dim=-1),
-            torch.log_softmax(_finite(s_bins) / temperature, dim=-1))
-
-
 def _topk_grad_to_vocab(g: torch.Tensor, ls: torch.Tensor, idx: torch.Tensor, s_rest) -> torch.Tensor:
     """Chain ``∂D/∂(student bins)`` ``[N, k(+1)]`` back to ``∂D/∂ls`` ``[N, V]``.
 
@@ -239,15 +225,20 @@ def _token_losses(ls, ce_logp, teacher, labels, spec: LossSpec, grad: bool = Fal
     T, w = spec.temperature, spec.hard_label_weight
     q = ls.exp() if grad else None  # kept for the softmax Jacobian below
     if isinstance(teacher, TopK) and T != 1.0 and teacher.indices.shape[-1] < ls.shape[-1]:
-        # Bin at T = 1 on both sides, then temper the bins alike (see _tempered_topk_bins); the
-        # gradient w.r.t. ls comes from autograd on this [N, V] block only.
-        with torch.enable_grad():
-            ls_ = ls.detach().requires_grad_(grad) if grad else ls
-            lt, s_bins = _tempered_topk_bins(ls_, teacher, T)
-            d, _ = _divergence(spec.divergence, lt, s_bins, spec.beta, spec.skew, False)
-            g = torch.autograd.grad(d.sum(), ls_)[0] if grad else None
-        d = d.detach() if grad else d
-        del lt, s_bins
+        # Both sides are binned at T = 1 (the student's T = 1 log-probs are log_softmax(T·ls),
+        # exactly, by shift invariance), then each bin's log-mass is divided by T and renormalized.
+        # Treating the rest bucket as one token on *both* sides keeps the minimum where the student
+        # equals the teacher (loss 0), which tempering only the teacher's bins would not.
+        ls1 = torch.log_softmax(ls * T, dim=-1)  # the student at T = 1
+        t_bins, s_bins1, s_rest1 = _topk_bins(ls1, teacher, 1.0)
+        lt = torch.log_softmax(t_bins / T, dim=-1)
+        s_bins = torch.log_softmax(_finite(s_bins1) / T, dim=-1)
+        d, g = _divergence(spec.divergence, lt, s_bins, spec.beta, spec.skew, grad)
+        if grad:  # chain back: tempered bins -> bins at T = 1 -> ls1 -> ls (each a log-softmax)
+            g.addcmul_(s_bins.exp(), g.sum(-1, keepdim=True), value=-1.0).div_(T)
+            g = _topk_grad_to_vocab(g, ls1, teacher.indices.long(), s_rest1)
+            g.addcmul_(ls1.exp(), g.sum(-1, keepdim=True), value=-1.0).mul_(T)
+        del lt, s_bins, s_bins1, ls1
     else:
         if isinstance(teacher, TopK):
             lt, s_bins, s_rest = _topk_bins(ls, teacher, T)
