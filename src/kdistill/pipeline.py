@@ -288,7 +288,20 @@ def start_run(cfg: Config, out: Path):
     (out / "config.yaml").write_text(dump_config(cfg))
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    return Accelerator(mixed_precision=cfg.train.mixed_precision)
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    check_launch(acc.num_processes)
+    return acc
+
+
+def check_launch(num_processes: int) -> None:
+    """Refuse N copies of one run: a launcher started several processes but accelerate sees one
+    (on CPUs accelerate only goes multi-process when asked: ``accelerate launch --cpu``)."""
+    import os
+
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and num_processes == 1:
+        raise ConfigError(f"launched as {launched} processes (WORLD_SIZE), but accelerate runs each as a separate "
+                          "single-process run; without GPUs use `accelerate launch --cpu` or set ACCELERATE_USE_CPU=true")
 
 
 def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = True) -> dict:

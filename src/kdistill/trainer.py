@@ -93,7 +93,10 @@ def train(
     scheduler = get_scheduler(
         sched_name, optimizer, num_warmup_steps=int(tcfg.warmup_ratio * total_steps), num_training_steps=total_steps
     )
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    # The schedule counts optimizer steps of the whole run (total_steps is already global), so it is
+    # not handed to accelerate.prepare: its wrapper would step it once per process per step.
+    model, optimizer = acc.prepare(model, optimizer)
+    acc.register_for_checkpointing(scheduler)
 
     # ---- resume -------------------------------------------------------------------------------
     ckpt_root = output_dir / "checkpoints"

@@ -1,0 +1,73 @@
+"""Several processes (torchrun, gloo on CPU): the README's `accelerate launch` / torchrun path.
+
+Two processes with one micro-batch each must train exactly like one process accumulating the
+same two micro-batches: the loss is normalised by the global token count and DDP's gradient
+averaging is undone, so the step, the logged loss and the saved weights agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from conftest import base_config
+
+QUIET = {"generate": False, "speed_prompts": 0}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(cfg: dict, path, nproc: int, cpu_flag: bool = True) -> subprocess.CompletedProcess:
+    """``torchrun`` on CPUs; ``ACCELERATE_USE_CPU`` is what ``accelerate launch --cpu`` sets."""
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if cpu_flag:
+        env["ACCELERATE_USE_CPU"] = "true"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+           "--master_port", str(_port()), "-m", "kdistill", "run", str(path), "--no-progress"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def _losses(out):
+    return [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_train_like_one_with_accumulation(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = dict(eval=QUIET, data={"max_eval_rows": 4})
+    cfg1 = base_config(tiny, one, train={"max_steps": 3, "batch_size": 4, "gradient_accumulation_steps": 2,
+                                          "num_threads": 1}, **common)
+    cfg2 = base_config(tiny, two, train={"max_steps": 3, "batch_size": 4, "gradient_accumulation_steps": 1,
+                                          "num_threads": 1}, **common)
+    r1 = _launch(cfg1, tmp_path / "one.yaml", 1)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    r2 = _launch(cfg2, tmp_path / "two.yaml", 2)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
+    w1, w2 = load_file(one / "student" / "model.safetensors"), load_file(two / "student" / "model.safetensors")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6)
+    rep = json.loads((two / "report.json").read_text())
+    assert rep["training"]["steps"] == 3 and "retention" in rep
+
+
+def test_processes_that_accelerate_does_not_join_are_refused(tiny, tmp_path):
+    """torchrun on CPUs without --cpu: accelerate would run two separate copies into one folder."""
+    r = _launch(base_config(tiny, tmp_path / "o", eval=QUIET), tmp_path / "c.yaml", 2, cpu_flag=False)
+    assert r.returncode != 0
+    lines = [l for l in r.stderr.splitlines() if l.startswith("kdistill: error:")]
+    assert lines and "accelerate launch --cpu" in lines[0] and "WORLD_SIZE" in lines[0]
+    assert not (tmp_path / "o" / "checkpoints").exists()
