@@ -71,3 +71,54 @@ def test_processes_that_accelerate_does_not_join_are_refused(tiny, tmp_path):
     lines = [l for l in r.stderr.splitlines() if l.startswith("kdistill: error:")]
     assert lines and "accelerate launch --cpu" in lines[0] and "WORLD_SIZE" in lines[0]
     assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_on_policy_greedy_two_processes_equal_one(tiny, tmp_path):
+    """Student-sampled batches (greedy): each process samples its own micro-batch's prompts."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = dict(method="on_policy", on_policy={"lambda": 1.0, "temperature": 0.0, "max_new_tokens": 5},
+                  eval=QUIET, data={"max_eval_rows": 4})
+    cfg1 = base_config(tiny, one, train={"max_steps": 2, "batch_size": 4, "gradient_accumulation_steps": 2}, **common)
+    cfg2 = base_config(tiny, two, train={"max_steps": 2, "batch_size": 4}, **common)
+    for cfg, path, n in ((cfg1, tmp_path / "one.yaml", 1), (cfg2, tmp_path / "two.yaml", 2)):
+        r = _launch(cfg, path, n)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
+    rows = [json.loads(l) for l in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [r["on_policy"] for r in rows] == [1.0, 1.0]
+
+
+def test_self_distill_and_zephyr_share_their_stages_across_processes(tiny, tmp_path):
+    """Multi-pass methods under two processes: every prompt sampled once (by one process), the
+    stage files written once, rounds and stages finished, no part files left behind."""
+    sd = tmp_path / "sd"
+    cfg = base_config(tiny, sd, method="self_distill", train={"max_steps": 2, "batch_size": 4}, eval=QUIET,
+                      data={"max_eval_rows": 4},
+                      self_distill={"iterations": 2, "n": 2, "max_new_tokens": 4, "prompts_per_round": 10})
+    r = _launch(cfg, tmp_path / "sd.yaml", 2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for k in (1, 2):
+        rdir = sd / "self_distill" / f"round-{k}"
+        lines = (rdir / "candidates.jsonl").read_text().splitlines()
+        ids = [json.loads(l)["id"] for l in lines]
+        assert len(ids) == len(set(ids)) == 10
+        assert (rdir / "done.json").is_file() and (rdir / "student" / "model.safetensors").is_file()
+        assert not list(rdir.glob("*.part-*"))
+    rep = json.loads((sd / "report.json").read_text())
+    assert rep["method_summary"]["candidates_kept_per_round"] == [10, 10]
+    assert r.stderr.count("self_distill round 1/2: sampling") == 1  # one process speaks
+
+    z = tmp_path / "z"
+    cfg = base_config(tiny, z, method="zephyr", train={"max_steps": 2, "batch_size": 4}, eval=QUIET,
+                      data={"max_eval_rows": 4},
+                      zephyr={"max_new_tokens": 4, "candidates": 2, "feedback_prompts": 6, "win_rate_prompts": 2,
+                              "scorer": "loglik"},
+                      dpo={"max_steps": 2})
+    r = _launch(cfg, tmp_path / "z.yaml", 2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    teacher_rows = [json.loads(l)["id"] for l in (z / "zephyr" / "1-sft" / "teacher.jsonl").read_text().splitlines()]
+    assert len(teacher_rows) == len(set(teacher_rows)) == 64
+    cands = (z / "zephyr" / "2-feedback" / "candidates.jsonl").read_text().splitlines()
+    assert len(cands) == 6
+    rep = json.loads((z / "report.json").read_text())
+    assert rep["method_summary"]["win_rate_vs_dsft"] is not None and (z / "zephyr" / "3-dpo" / "done.json").is_file()

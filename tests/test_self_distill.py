@@ -86,3 +86,21 @@ def test_self_distill_rounds_change_the_model_and_write_data(tiny, tmp_path):
     # a rerun skips the finished rounds
     rep2 = run(load_config(base=cfg), progress=False)
     assert rep2["training"]["resumed_from"] == "round 1 (finished earlier)" and rep2["training"]["steps"] == 4
+
+
+def test_jsonl_store_merges_parts_left_by_a_crash(tmp_path):
+    """A multi-process fill killed before its merge leaves <file>.part-r files: the next open
+    merges them (torn lines dropped, nothing twice) and fill only makes what is still missing."""
+    from kdistill.feedback import JsonlStore
+
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"id": "a", "v": 1}\n')
+    (tmp_path / "c.jsonl.part-0").write_text('{"id": "b", "v": 2}\n{"id": "a", "v": 9}\n')
+    (tmp_path / "c.jsonl.part-1").write_text('{"id": "c", "v": 3}\n{"id": "d", "v"')  # torn by the kill
+    store = JsonlStore(path)
+    assert sorted(store.rows) == ["a", "b", "c"] and store.rows["a"]["v"] == 1
+    assert not list(tmp_path.glob("*.part-*")) and len(path.read_text().splitlines()) == 3
+    made = []
+    rows = store.fill(["a", "b", "c", "d", "e"], lambda k: k,
+                      lambda ks: made.extend(ks) or [{"id": k, "v": 0} for k in ks], batch_size=2)
+    assert made == ["d", "e"] and [r["id"] for r in rows] == ["a", "b", "c", "d", "e"]

@@ -102,36 +102,87 @@ def judge_scores(model: nn.Module, tokenizer, renderer, prompts: list[str], answ
 # append-only storage and stage bookkeeping
 
 
+def _state():
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def on_main(fn: Callable[[], None]) -> None:
+    """Run ``fn`` on the main process only, then wait for every process (a stage's files are
+    written once, and every process sees them before it goes on)."""
+    st = _state()
+    if st.is_main_process:
+        fn()
+    st.wait_for_everyone()
+
+
+def _read_rows(path: Path, key: str) -> tuple[dict, list[str]]:
+    """Rows of a JSONL file by key, and its good lines; a torn line ends the file."""
+    rows: dict = {}
+    good: list[str] = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a torn last line: everything after it is rewritten
+            rows[row[key]] = row
+            good.append(line)
+    return rows, good
+
+
 class JsonlStore:
     """An append-only JSONL file of rows keyed by ``key`` (default ``id``).
 
     A line cut off by a crash is dropped on open; rows are flushed and fsynced per batch, so a
     rerun continues with the items not yet written and never repeats one.
+
+    Under several processes, :meth:`fill` shares the missing items out (process r takes every
+    world-th one) and each process appends to its own ``<file>.part-r``; the main process then
+    merges the parts into the file, and every process returns all rows. Parts left by a crash are
+    merged when the store is next opened.
     """
 
     def __init__(self, path: Path, key: str = "id"):
         self.path = Path(path)
         self.key = key
-        self.rows: dict = {}
-        if self.path.is_file():
-            good = []
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a torn last line: everything after it is rewritten
-                self.rows[row[key]] = row
-                good.append(line)
-            self.path.write_text("".join(g + "\n" for g in good), encoding="utf-8")
+        st = _state()
+        self.world, self.rank = st.num_processes, st.process_index
+        on_main(self._consolidate)
+        self.rows, _ = _read_rows(self.path, key)
+
+    def _part(self, rank: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.part-{rank}")
+
+    def _consolidate(self) -> None:
+        """(main process) Torn lines dropped, leftover parts merged into the file and removed."""
+        rows, good = _read_rows(self.path, self.key)
+        parts = sorted(self.path.parent.glob(f"{self.path.name}.part-*")) if self.path.parent.is_dir() else []
+        for part in parts:
+            for line in _read_rows(part, self.key)[1]:
+                k = json.loads(line)[self.key]
+                if k not in rows:
+                    rows[k] = None
+                    good.append(line)
+        if self.path.is_file() or parts:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(g + "\n" for g in good), encoding="utf-8")
+            with tmp.open("rb") as fh:
+                os.fsync(fh.fileno())
+            tmp.replace(self.path)
+        for part in parts:
+            part.unlink()
 
     def __contains__(self, k) -> bool:
         return k in self.rows
 
-    def append(self, rows: list[dict]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as fh:
+    def append(self, rows: list[dict], path: Optional[Path] = None) -> None:
+        path = path or self.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as fh:
             for r in rows:
                 fh.write(json.dumps(r, ensure_ascii=False) + "\n")
                 self.rows[r[self.key]] = r
@@ -142,30 +193,50 @@ class JsonlStore:
              desc: Optional[str] = None) -> list[dict]:
         """Run ``make`` on the items not stored yet, ``batch_size`` at a time; all rows in item order.
 
-        With ``desc``, a progress bar counts done/total items.
+        With ``desc``, a progress bar (main process) counts done/total items.
         """
         todo = [it for it in items if key_of(it) not in self.rows]
+        mine = todo[self.rank :: self.world]
+        target = self.path if self.world == 1 else self._part(self.rank)
         bar = None
-        if desc is not None and todo:
+        if desc is not None and todo and self.rank == 0:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, unit="prompt", dynamic_ncols=True)
-        for i in range(0, len(todo), batch_size):
-            chunk = todo[i : i + batch_size]
-            self.append(make(chunk))
+        for i in range(0, len(mine), batch_size):
+            chunk = mine[i : i + batch_size]
+            self.append(make(chunk), target)
             if bar is not None:
-                bar.update(len(chunk))
+                bar.update(min(len(chunk) * self.world, bar.total - bar.n))
         if bar is not None:
             bar.close()
+        if self.world > 1:
+            _state().wait_for_everyone()
+            on_main(self._consolidate)
+            self.rows, _ = _read_rows(self.path, self.key)
         return [self.rows[key_of(it)] for it in items]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write a whole file atomically (tmp + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
+    """Write a whole file atomically (tmp + rename), once (main process); every process waits."""
+    def write():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        tmp.replace(path)
+
+    on_main(write)
+
+
+def write_json(path: Path, value) -> None:
+    """Write a JSON file atomically, once (main process); every process waits."""
+    def write():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(value, indent=2))
+        tmp.replace(path)
+
+    on_main(write)
 
 
 def stage_done(stage_dir: Path) -> Optional[dict]:
@@ -175,15 +246,13 @@ def stage_done(stage_dir: Path) -> Optional[dict]:
 
 
 def mark_done(stage_dir: Path, summary: dict) -> None:
-    p = Path(stage_dir) / "done.json"
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name("done.json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(p)
+    """The stage is finished: ``done.json`` with its summary (main process; every process waits)."""
+    write_json(Path(stage_dir) / "done.json", summary)
 
 
 def save_model(model: nn.Module, folder: Path) -> None:
-    hf_model(model).save_pretrained(str(folder))
+    """Save a stage's model (main process; every process waits, then may :func:`load_saved` it)."""
+    on_main(lambda: hf_model(model).save_pretrained(str(folder)))
 
 
 def load_saved(like: nn.Module, folder: Path) -> nn.Module:

@@ -370,7 +370,9 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
     say(f"training ({cfg.method}, {cfg.loss.divergence}, T={cfg.loss.temperature}, alpha={cfg.loss.alpha}) on {len(feats)} rows")
     from kdistill.stages import StageRunner
 
-    runner = StageRunner(cfg, m.tokenizer, m.teacher, m.vocab_size, device, eval_rows, eval_feats, progress, say)
+    main = acc.is_main_process  # several processes: one speaks
+    runner = StageRunner(cfg, m.tokenizer, m.teacher, m.vocab_size, device, eval_rows, eval_feats, progress and main,
+                         say if main else (lambda _: None))
     staged = method.fit(m.student, runner)  # multi-pass methods (rounds, stages); None = one trainer pass
     if staged is not None:
         student, training = staged

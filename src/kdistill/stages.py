@@ -70,14 +70,11 @@ def train_config(tcfg, **changes):
     return tcfg.model_copy(update=changes)
 
 
-def require_single_process(method: str) -> None:
-    """Multi-pass methods generate and write their stage files from one process (not sharded yet)."""
+def process_seed(seed: int) -> int:
+    """``seed`` for process 0, a distinct one for every other process (their own sampling streams)."""
     from accelerate import PartialState
 
-    n = PartialState().num_processes
-    if n > 1:
-        raise ValueError(f"{method} runs its generation stages in one process; launch it without "
-                         f"accelerate's multi-process mode (got {n} processes)")
+    return seed + 100_003 * PartialState().process_index
 
 
 def combine_metrics(output_dir: Path, passes: list[tuple[str, Path]]) -> None:
@@ -94,5 +91,10 @@ def combine_metrics(output_dir: Path, passes: list[tuple[str, Path]]) -> None:
         for r in part:
             rows.append({**r, "step": r["step"] + offset, "stage": name})
         offset += max((r["step"] for r in part), default=0)
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(output_dir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from kdistill.feedback import on_main
+
+    def write():
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    on_main(write)

@@ -25,7 +25,7 @@ from kdistill.feedback import hf_model, load_saved, mark_done, save_model, stage
 from kdistill.losses import dpo_loss
 from kdistill.methods import register
 from kdistill.methods.base import Method, RunContext, model_label_logprobs
-from kdistill.stages import combine_metrics, require_single_process, train_config
+from kdistill.stages import combine_metrics, train_config
 
 
 def encode_pair(renderer, example: Example, chosen: str, rejected: str, pair_id: str) -> Optional[dict]:
@@ -169,7 +169,6 @@ class StandaloneDPO(DPOMethod):
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
         self.stage: dict = {}
-        require_single_process("dpo")
 
     def fit(self, student, runner):
         cfg = self.ctx.cfg

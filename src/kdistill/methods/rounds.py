@@ -22,7 +22,6 @@ judge, or the teacher's log-likelihood; the best ``keep_fraction`` of *all* cand
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -43,12 +42,13 @@ from kdistill.feedback import (
     mark_done,
     save_model,
     stage_done,
+    write_json,
     write_jsonl,
 )
 from kdistill.generation import make_sampler
 from kdistill.methods import register
 from kdistill.methods.base import Method, RunContext
-from kdistill.stages import combine_metrics, require_single_process
+from kdistill.stages import combine_metrics, process_seed
 
 
 def judge_renderer(ctx: RunContext) -> Renderer:
@@ -88,7 +88,6 @@ class RoundsMethod(Method):
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
         self.sc = getattr(ctx.cfg, self.name)
-        require_single_process(self.name)
         self.rounds: list[dict] = []
         self.sampler = None  # the student's sampler (``engine``), built on first use
         if self.sc.engine == "vllm":
@@ -123,7 +122,7 @@ class RoundsMethod(Method):
         kind = self.scorer_kind()
         scorer = student if kind == "self" else ctx.teacher.model
         eos = set(eos_ids(hf_model(student), tok))
-        torch.manual_seed(ctx.cfg.train.seed * 1000 + r)
+        torch.manual_seed(process_seed(ctx.cfg.train.seed * 1000 + r))  # each process samples its own stream
         store = JsonlStore(rdir / "candidates.jsonl")
         if self.sampler is None:
             self.sampler = make_sampler(sc.engine, f"{self.name}.engine", ctx, student, ctx.cfg.eval.batch_size)
@@ -195,8 +194,8 @@ class RoundsMethod(Method):
                 "ended_with_eos": _mean([float(c["eos"]) for row in rows for c in row["candidates"]]),
                 "steps": result.steps, "resumed_from": result.resumed_from, "heldout": runner.evaluate(student),
             }
-            (rdir / "scores.json").write_text(json.dumps(
-                {**summary, "scores": [[c["score"] for c in row["candidates"]] for row in rows]}, indent=2))
+            write_json(rdir / "scores.json",
+                       {**summary, "scores": [[c["score"] for c in row["candidates"]] for row in rows]})
             mark_done(rdir, summary)
             self.rounds.append(summary)
             steps += result.steps

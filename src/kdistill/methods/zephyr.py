@@ -45,6 +45,7 @@ from kdistill.feedback import (
     sample_completions,
     save_model,
     stage_done,
+    write_json,
     write_jsonl,
 )
 from kdistill.generation import make_sampler
@@ -52,7 +53,7 @@ from kdistill.methods import register
 from kdistill.methods.base import Method, RunContext
 from kdistill.methods.dpo import dpo_stage, encode_pair
 from kdistill.methods.rounds import score_candidates, teacher_model
-from kdistill.stages import combine_metrics, require_single_process, train_config
+from kdistill.stages import combine_metrics, process_seed, train_config
 
 
 def _example(row: dict) -> Example:
@@ -73,7 +74,6 @@ class Zephyr(Method):
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
         self.zc = ctx.cfg.zephyr
-        require_single_process("zephyr")
         self.teacher = teacher_model(ctx, "zephyr")
         self.stages: dict = {}
         self.root = Path(ctx.output_dir) / "zephyr"
@@ -93,7 +93,7 @@ class Zephyr(Method):
         t0 = time.time()
         tok, renderer, max_len = ctx.tokenizer, ctx.renderer, ctx.cfg.data.max_length
         eos = set(eos_ids(self.teacher, tok))
-        torch.manual_seed(ctx.cfg.train.seed)
+        torch.manual_seed(process_seed(ctx.cfg.train.seed))
         if zc.sft_data is None:
             runner.say(f"zephyr 1/3 dSFT: the teacher answers {len(ctx.train_examples)} prompts")
 
@@ -151,7 +151,7 @@ class Zephyr(Method):
         if zc.feedback_prompts is not None and zc.feedback_prompts < len(prompts):
             prompts = random.Random(ctx.cfg.train.seed).sample(prompts, zc.feedback_prompts)
         others = self._other_models() if zc.other_models else []
-        torch.manual_seed(ctx.cfg.train.seed + 1)
+        torch.manual_seed(process_seed(ctx.cfg.train.seed + 1))
         runner.say(f"zephyr 2/3 AI feedback: {zc.candidates} student samples per prompt"
                    + (f" + {len(others)} other models" if others else "") + f", rated by the teacher ({zc.scorer})")
 
@@ -229,7 +229,7 @@ class Zephyr(Method):
                "win_rate": round((wins + 0.5 * ties) / len(rows), 4), "judge": zc.scorer,
                "mean_score_final": round(sum(sa) / len(sa), 6), "mean_score_dsft": round(sum(sb) / len(sb), 6),
                "samples": [{"prompt": e.prompt, "final": x, "dsft": y} for e, x, y in list(zip(rows, a, b))[:3]]}
-        (self.root / "win_rate.json").write_text(json.dumps(out, indent=2))
+        write_json(self.root / "win_rate.json", out)
         return out
 
     # -- the pipeline -------------------------------------------------------------------------
