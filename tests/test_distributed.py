@@ -122,3 +122,27 @@ def test_self_distill_and_zephyr_share_their_stages_across_processes(tiny, tmp_p
     assert len(cands) == 6
     rep = json.loads((z / "report.json").read_text())
     assert rep["method_summary"]["win_rate_vs_dsft"] is not None and (z / "zephyr" / "3-dpo" / "done.json").is_file()
+
+
+def test_feature_adapters_train_alike_under_two_processes(tiny, tmp_path):
+    """Adapters live beside the student (outside its forward): their gradients are still averaged
+    across processes, so two processes equal one accumulating."""
+    from conftest import make_llama
+    from kdistill.models import load_model
+
+    narrow = make_llama(400, layers=2, seed=3, hidden=32)
+    _, tok = load_model(str(tiny / "teacher"))
+    narrow.resize_token_embeddings(len(tok))
+    narrow.save_pretrained(tmp_path / "narrow")
+    tok.save_pretrained(tmp_path / "narrow")
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = dict(student={"model": str(tmp_path / "narrow"), "init": None}, features={"weight": 1.0},
+                  eval=QUIET, data={"max_eval_rows": 4})
+    cfg1 = base_config(tiny, one, train={"max_steps": 3, "batch_size": 4, "gradient_accumulation_steps": 2}, **common)
+    cfg2 = base_config(tiny, two, train={"max_steps": 3, "batch_size": 4}, **common)
+    for cfg, path, n in ((cfg1, tmp_path / "one.yaml", 1), (cfg2, tmp_path / "two.yaml", 2)):
+        r = _launch(cfg, path, n)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
+    feats = [json.loads(l)["feature_loss"] for l in (two / "metrics.jsonl").read_text().splitlines()]
+    assert len(feats) == 3 and feats[-1] != feats[0]

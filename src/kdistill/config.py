@@ -147,6 +147,22 @@ class LossConfig(Section):
         return v
 
 
+class FeaturesConfig(Section):
+    """Feature (hidden-state) distillation, added to the ``logit`` / ``on_policy`` loss when
+    ``weight > 0``: the outputs of mapped student blocks are matched to the outputs of teacher
+    blocks (through a trained linear adapter when the widths differ), on the trained positions.
+
+    ``layers``: ``auto`` maps each block of a student cut from the teacher to the teacher block it
+    was copied from, and otherwise spreads the student's blocks evenly over the teacher's (the last
+    onto the last); or a list of ``[student_block, teacher_block]`` pairs (0-based).
+    """
+
+    weight: float = Field(0.0, ge=0.0, description="weight of the feature term (0 = off)")
+    layers: Union[Literal["auto"], list[tuple[int, int]]] = Field("auto", description="auto, or [[student, teacher], ...]")
+    loss: Literal["cosine", "mse"] = Field("cosine", description="per position: 1 - cos, or mean squared error")
+    normalize: bool = Field(True, description="mse: layer-normalize both sides first (LLM activations vary in scale)")
+
+
 class TrainConfig(Section):
     max_steps: Optional[int] = Field(None, ge=1)
     epochs: Optional[float] = Field(None, gt=0)
@@ -392,6 +408,7 @@ class Config(Section):
     student: Optional[StudentConfig] = None
     data: DataConfig = Field(default_factory=DataConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     generate: Optional[GenerateConfig] = None

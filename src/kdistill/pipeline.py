@@ -342,7 +342,7 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
 
     teacher = build_teacher(cfg, m, feats, device, say)  # a local model, an offline cache, or several
     ctx = RunContext(cfg=cfg, tokenizer=m.tokenizer, teacher=teacher, vocab_size=m.vocab_size, output_dir=out,
-                     device=device, renderer=renderer, train_examples=train_rows)
+                     device=device, renderer=renderer, train_examples=train_rows, student=m.student)
     try:
         method = build_method(cfg.method, ctx)
     except ValueError as exc:
@@ -378,7 +378,7 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
         student, training = staged
         training = {**training, "truncated_rows": truncated}
     else:
-        wrapper = StudentLM(m.student)
+        wrapper = StudentLM(m.student, method.trainable_modules())
         result = train(wrapper, method, feats, lambda b: collate(b, m.tokenizer.pad_token_id), cfg.train, out,
                        accelerator=acc, progress=progress)
         student = acc.unwrap_model(wrapper).model

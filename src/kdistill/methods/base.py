@@ -11,7 +11,7 @@ from torch import nn
 from kdistill.data import IGNORE_INDEX
 from kdistill.generation import hf_model
 from kdistill.losses import label_logprobs
-from kdistill.teachers.local import final_hidden, supports_hidden
+from kdistill.teachers.local import block_outputs, decoder_states, final_hidden, supports_hidden
 
 
 @dataclass
@@ -26,6 +26,7 @@ class RunContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     renderer: Any = None
     train_examples: list = field(default_factory=list)
+    student: Any = None  # the student model before training (its config, e.g. for feature layer maps)
     extra: dict = field(default_factory=dict)
 
 
@@ -33,20 +34,34 @@ class StudentLM(nn.Module):
     """Wraps a causal LM so one ``forward`` returns either logits or (hidden, output weight).
 
     Wrapping (rather than calling ``model.get_decoder()`` from the loss) keeps the forward inside
-    the module that accelerate/DDP prepares, so gradient synchronisation works on many GPUs.
+    the module that accelerate/DDP prepares, so gradient synchronisation works on many GPUs. Modules
+    trained beside the student but not part of it (feature adapters) ride along as ``extra``: they
+    are optimized and checkpointed with it, and left out of the saved student.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, extra: Optional[nn.Module] = None):
         super().__init__()
         self.model = model
+        self.extra = extra
         self.can_fuse = supports_hidden(model)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: bool = False):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: bool = False,
+                feature_layers=None):
+        """``hidden``: ``(final hidden [B, T, H], output weight [V, H])``, else logits ``[B, T, V]``;
+        with ``feature_layers``, one more item: ``{block i: its output [B, T, H]}``."""
         if hidden:
             if not self.can_fuse:
                 raise RuntimeError("this model's logits are not hidden @ W.T; use the plain path")
-            return final_hidden(self.model, input_ids, attention_mask), self.model.get_output_embeddings().weight
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            w = self.model.get_output_embeddings().weight
+            if feature_layers:
+                h, feats = decoder_states(self.model, input_ids, attention_mask, feature_layers)
+                return h, w, feats
+            return final_hidden(self.model, input_ids, attention_mask), w
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                         output_hidden_states=bool(feature_layers))
+        if feature_layers:
+            return out.logits, block_outputs(out.hidden_states, feature_layers)
+        return out.logits
 
 
 def model_label_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -81,6 +96,10 @@ class Method:
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
+
+    def trainable_modules(self) -> Optional[nn.Module]:
+        """Modules the method trains beside the student (e.g. feature adapters); None = none."""
+        return None
 
     def train_features(self) -> Optional[list[dict]]:
         """Encoded training rows; None = the dataset's rows as they are."""

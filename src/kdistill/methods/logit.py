@@ -2,12 +2,14 @@
 
 Loss per response token: ``alpha · T² · D(P_T ‖ Q_T) + (1 − alpha) · CE(Q, label)``. The fused,
 chunked path (no ``[tokens x vocab]`` tensor) is used when both models expose their final hidden
-states and output layer (``loss.fused: auto``), the plain path otherwise.
+states and output layer (``loss.fused: auto``), the plain path otherwise. With
+``features.weight > 0`` a hidden-state term is added (:mod:`kdistill.features`), from the same
+forward passes.
 """
 
 from __future__ import annotations
 
-
+from kdistill.features import FeatureAdapters, feature_loss, hidden_size, layer_map
 from kdistill.losses import distill_loss, fused_distill_loss
 from kdistill.methods import register
 from kdistill.methods.base import Method, RunContext
@@ -31,6 +33,31 @@ class LogitMethod(Method):
         )
         self.fused_setting = lc.fused
         self.chunk_size = lc.chunk_size
+        self._init_features(ctx)
+
+    def _init_features(self, ctx: RunContext) -> None:
+        from kdistill.teachers.local import LocalTeacher
+
+        fc = ctx.cfg.features
+        self.feature_pairs = self.adapters = None
+        if fc.weight <= 0:
+            return
+        if not isinstance(ctx.teacher, LocalTeacher):
+            raise ValueError("features: feature distillation needs one live teacher model (teacher.model), "
+                             "not an offline cache or several teachers")
+        if ctx.student is None:
+            raise ValueError("features: the student is not known to the method")
+        t_model = ctx.teacher.model
+        self.feature_pairs = layer_map(fc.layers, ctx.student, t_model)
+        self.s_layers = sorted({a for a, _ in self.feature_pairs})
+        self.t_layers = sorted({b for _, b in self.feature_pairs})
+        adapters = FeatureAdapters(self.feature_pairs, hidden_size(ctx.student), hidden_size(t_model),
+                                   seed=ctx.cfg.train.seed)
+        self.adapters = adapters.to(next(ctx.student.parameters()).device) if len(adapters.maps) else None
+        self.feature_history: list[float] = []
+
+    def trainable_modules(self):
+        return self.adapters
 
     def use_fused(self, model) -> bool:
         student = getattr(model, "module", model)  # unwrap DDP
@@ -47,10 +74,13 @@ class LogitMethod(Method):
         V = self.ctx.vocab_size
         kw = self.loss_kwargs(batch)
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        feats = self.feature_pairs is not None
+        s_layers = {"feature_layers": self.s_layers} if feats else {}
+        t_layers = {"feature_layers": self.t_layers} if feats else {}
         loss = 0.0
         if self.use_fused(model):
-            s_hidden, s_weight = model(ids, mask, hidden=True)
-            signal = self.ctx.teacher.signal(batch, hidden=True)
+            s_hidden, s_weight, *s_feats = model(ids, mask, hidden=True, **s_layers)
+            signal = self.ctx.teacher.signal(batch, hidden=True, **t_layers)
             for w, t in signal_parts(signal):  # one part, or several teachers with loss.teacher_mix: sum
                 if t.topk is not None:
                     part = fused_distill_loss(
@@ -67,12 +97,34 @@ class LogitMethod(Method):
                     part = distill_loss(logits, t.logits, labels, num_items=num_items, **kw)
                 loss = loss + w * part
         else:
-            logits = model(ids, mask)[..., :V]
-            signal = self.ctx.teacher.signal(batch, hidden=False)
+            out = model(ids, mask, **s_layers)
+            logits, s_feats = (out[0], out[1:]) if feats else (out, [])
+            logits = logits[..., :V]
+            signal = self.ctx.teacher.signal(batch, hidden=False, **t_layers)
             for w, t in signal_parts(signal):
                 loss = loss + w * distill_loss(logits, t.logits, labels, num_items=num_items, teacher_topk=t.topk,
                                                **kw)
-        return loss, {}
+        if not feats:
+            return loss, {}
+        fc = self.ctx.cfg.features
+        f = feature_loss(s_feats[0], signal.features, self.feature_pairs, labels, num_items, self.adapters,
+                         fc.loss, fc.normalize)
+        value = float(f.detach())
+        self.feature_history.append(value * float(num_items) / max(1, int((labels != -100).sum())))
+        return loss + fc.weight * f, {"feature_loss": value}
+
+    def summary(self) -> dict:
+        if self.feature_pairs is None:
+            return {}
+        h = self.feature_history
+        k = max(1, len(h) // 5)
+        fc = self.ctx.cfg.features
+        return {"features": {
+            "pairs": [list(p) for p in self.feature_pairs], "loss": fc.loss, "weight": fc.weight,
+            "adapter_params": sum(p.numel() for p in self.adapters.parameters()) if self.adapters is not None else 0,
+            "feature_loss_first": round(sum(h[:k]) / k, 6) if h else None,
+            "feature_loss_last": round(sum(h[-k:]) / k, 6) if h else None,
+        }}
 
 
 @register("logit")

@@ -124,6 +124,7 @@ class OnPolicyMethod(LogitMethod):
         c, s = self.counts, self.sampled
         n = max(1, c["batches"])
         return {
+            **super().summary(),
             "lambda": self.lam,
             "seq_kd": self.seq_kd,
             "sampling_temperature": self.temperature,

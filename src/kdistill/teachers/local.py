@@ -33,6 +33,18 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     return out.last_hidden_state
 
 
+def block_outputs(hidden_states, layers) -> dict:
+    """``{block i: output of block i}`` from a model's ``hidden_states`` tuple (embeddings first)."""
+    return {i: hidden_states[i + 1] for i in layers}
+
+
+def decoder_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers) -> tuple:
+    """``(final hidden [batch, seq, hidden], {block i: output of block i [batch, seq, hidden]})``."""
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                              output_hidden_states=True)
+    return out.last_hidden_state, block_outputs(out.hidden_states, layers)
+
+
 @dataclass
 class TeacherSignal:
     """One of: ``hidden`` ``[batch, seq, hidden]`` + ``weight`` ``[vocab, hidden]``; ``logits``
@@ -45,6 +57,7 @@ class TeacherSignal:
     logits: Optional[torch.Tensor] = None
     topk: Optional[TopK] = None
     parts: Optional[list] = None
+    features: Optional[dict] = None  # {teacher block: its output [batch, seq, hidden]} (feature distillation)
 
 
 class LocalTeacher:
@@ -67,11 +80,17 @@ class LocalTeacher:
         self.can_fuse = supports_hidden(model)
 
     @torch.no_grad()
-    def signal(self, batch: dict, hidden: bool = True) -> TeacherSignal:
+    def signal(self, batch: dict, hidden: bool = True, feature_layers=None) -> TeacherSignal:
+        """The teacher on ``batch``: final hidden states and output weight (``hidden`` and the head
+        allows it) or logits; with ``feature_layers``, also those blocks' outputs (same forward)."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if hidden and self.can_fuse:
-            h = final_hidden(self.model, ids, mask)
             w = self.model.get_output_embeddings().weight[: self.vocab_size]
-            return TeacherSignal(hidden=h, weight=w)
-        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        return TeacherSignal(logits=logits[..., : self.vocab_size])
+            if feature_layers:
+                h, feats = decoder_states(self.model, ids, mask, feature_layers)
+                return TeacherSignal(hidden=h, weight=w, features=feats)
+            return TeacherSignal(hidden=final_hidden(self.model, ids, mask), weight=w)
+        out = self.model(input_ids=ids, attention_mask=mask, use_cache=False,
+                         output_hidden_states=bool(feature_layers))
+        feats = block_outputs(out.hidden_states, feature_layers) if feature_layers else None
+        return TeacherSignal(logits=out.logits[..., : self.vocab_size], features=feats)
