@@ -99,8 +99,6 @@ def test_narrower_student_trains_adapters_that_are_not_saved(tiny, tmp_path):
 
 
 def test_feature_distillation_needs_a_live_teacher(tiny, tmp_path, capsys):
-    from test_cache import cache_cfg  # noqa: F401  (the fixture module)
-
     cfg = base_config(tiny, tmp_path / "o", teachers=[{"model": str(tiny / "teacher")}, {"model": str(tiny / "teacher")}],
                       features={"weight": 1.0}, eval=QUIET)
     cfg["teacher"] = {}
