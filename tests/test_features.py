@@ -106,3 +106,11 @@ def test_feature_distillation_needs_a_live_teacher(tiny, tmp_path, capsys):
     assert main(["run", str(tmp_path / "c.yaml"), "--no-progress"]) == 2
     err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("kdistill: error:")]
     assert len(err) == 1 and "features: feature distillation needs one live teacher model" in err[0]
+
+
+def test_bad_layer_pairs_are_one_line_errors(tiny, tmp_path, capsys):
+    cfg = base_config(tiny, tmp_path / "o", features={"weight": 1.0, "layers": [[0]]}, eval=QUIET)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(tmp_path / "c.yaml"), "--no-progress"]) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("kdistill: error:")]
+    assert len(err) == 1 and "features.layers: expected 'auto' or [[student_block, teacher_block]" in err[0]

@@ -162,6 +162,16 @@ class FeaturesConfig(Section):
     loss: Literal["cosine", "mse"] = Field("cosine", description="per position: 1 - cos, or mean squared error")
     normalize: bool = Field(True, description="mse: layer-normalize both sides first (LLM activations vary in scale)")
 
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _check_layers(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            for pair in v:
+                if not (isinstance(pair, (list, tuple)) and len(pair) == 2
+                        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in pair)):
+                    raise ValueError(f"expected 'auto' or [[student_block, teacher_block], ...] (0-based ints), got {pair!r}")
+        return v
+
 
 class TrainConfig(Section):
     max_steps: Optional[int] = Field(None, ge=1)
