@@ -444,7 +444,12 @@ def cache_teacher(cfg, say: Callable[[str], None] = log.info, progress: bool = T
         raise ConfigError("teacher.model: required for cache-teacher (the model whose top-k log-probs are cached)")
     check_paths(cfg)
     path = Path(path_s)
-    rows = load_examples(cfg.data.train)
+    if cfg.data.tasks is not None:  # every task's training rows, as `kdistill run` mixes them
+        from kdistill.pipeline import load_data
+
+        rows = load_data(cfg)[0]
+    else:
+        rows = load_examples(cfg.data.train)
 
     t0 = time.time()
     teacher, tok = load_model(cfg.teacher.model, "teacher.model", cfg.teacher.dtype, cfg.teacher.revision,

@@ -101,9 +101,31 @@ class StudentConfig(Section):
         return self
 
 
+class TaskConfig(Section):
+    """One task of a multi-task run (``data.tasks``): its rows, held-out rows and mixture weight."""
+
+    name: str = Field(..., min_length=1, description="shown in the report; prefixes the task's row ids")
+    train: str = Field(..., description="JSONL rows of this task")
+    eval: Optional[str] = Field(None, description="held-out rows; none = a data.eval_fraction split of train")
+    weight: Optional[float] = Field(
+        None, gt=0.0, description="share of the training rows (normalized over tasks); none on every task = "
+        "the tasks' natural sizes"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str) -> str:
+        if "/" in v or v.strip() != v:
+            raise ValueError(f"task names may not contain '/' or surrounding spaces, got {v!r}")
+        return v
+
+
 class DataConfig(Section):
     train: Optional[str] = None
     eval: Optional[str] = None
+    tasks: Optional[list[TaskConfig]] = Field(
+        None, description="several tasks instead of train/eval: mixed by weight, reported per task"
+    )
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="held-out share of train when data.eval is unset")
     max_eval_rows: int = Field(200, ge=1)
     max_length: int = Field(256, ge=8)
@@ -111,6 +133,22 @@ class DataConfig(Section):
         None, description="system message added to every row without one (overrides a template's default)"
     )
     chat_template: bool = Field(True, description="render rows with the tokenizer's chat template when it has one")
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> "DataConfig":
+        if self.tasks is not None:
+            if self.train is not None or self.eval is not None:
+                raise ValueError("data.tasks: give either tasks or train/eval, not both")
+            if not self.tasks:
+                raise ValueError("data.tasks: give at least one task")
+            names = [t.name for t in self.tasks]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"data.tasks: task names must be unique (repeated: {', '.join(dup)})")
+            weighted = [t.weight is not None for t in self.tasks]
+            if any(weighted) and not all(weighted):
+                raise ValueError("data.tasks: give a weight to every task, or to none (natural sizes)")
+        return self
 
 
 class LossConfig(Section):
@@ -572,7 +610,12 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
 def check_paths(cfg: Config, need_train: bool = True) -> None:
     """Fail early, before any model loads, on files that do not exist."""
     checks = []
-    if cfg.data.train is not None:
+    if cfg.data.tasks is not None:
+        for i, t in enumerate(cfg.data.tasks):
+            checks.append((f"data.tasks[{i}].train", t.train))
+            if t.eval is not None:
+                checks.append((f"data.tasks[{i}].eval", t.eval))
+    elif cfg.data.train is not None:
         checks.append(("data.train", cfg.data.train))
     elif need_train:
         raise ConfigError("data.train: required key is missing (a JSONL file of prompt/response rows)")

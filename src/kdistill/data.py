@@ -15,8 +15,10 @@ Rows are rendered with the tokenizer's chat template when it has one, else as
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -143,6 +145,40 @@ def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple
         raise DataError(f"only {len(examples)} rows: too few to hold out an eval split (set data.eval)")
     held = {e.id for e in scored[:n_eval]}
     return [e for e in examples if e.id not in held], [e for e in examples if e.id in held]
+
+
+def tag_task(examples: list[Example], task: str) -> list[Example]:
+    """The rows of one task: ids prefixed ``task/``, ``extra["task"]`` set."""
+    return [dataclasses.replace(e, id=f"{task}/{e.id}", extra={**e.extra, "task": task}) for e in examples]
+
+
+def task_of(example: Example) -> Optional[str]:
+    return example.extra.get("task")
+
+
+def mix_tasks(rows: list[Example], weights: dict[str, float], seed: int) -> tuple[list[Example], dict]:
+    """Training rows resampled so each task holds ``weight / Σ weights`` of them (the total stays).
+
+    A task below its share is repeated (whole copies, then a seeded sample; copies get ids
+    ``ID~2``, ``ID~3``, ...), a task above it is subsampled (seeded). Returns the rows and, per
+    task, ``{"rows": available, "used": in the mixture}``.
+    """
+    by_task: dict[str, list[Example]] = {}
+    for e in rows:
+        by_task.setdefault(task_of(e), []).append(e)
+    total = len(rows)
+    wsum = sum(weights[t] for t in by_task)
+    out: list[Example] = []
+    stats = {}
+    for t, items in by_task.items():
+        want = max(1, round(total * weights[t] / wsum))
+        reps, rest = divmod(want, len(items))
+        chosen = [(e, k) for k in range(reps) for e in items]
+        extra = random.Random(f"{seed}:{t}").sample(items, rest)
+        chosen += [(e, reps) for e in extra]
+        out += [e if k == 0 else dataclasses.replace(e, id=f"{e.id}~{k + 1}") for e, k in chosen]
+        stats[t] = {"rows": len(items), "used": want, "share": round(weights[t] / wsum, 4)}
+    return out, stats
 
 
 # ---------------------------------------------------------------------------------------------

@@ -100,6 +100,50 @@ def logit_metrics(
     return out
 
 
+def by_task(rows: list, feats: list[dict], measure) -> dict:
+    """``measure(rows, feats) -> {"metrics", "outputs"}`` per task of ``rows`` (``extra["task"]``),
+    aggregated exactly into the overall figures; a single task is measured as it is.
+
+    Overall perplexity is ``exp`` of the token-weighted mean log-perplexity, KL and top-1 agreement
+    are token-weighted, accuracy is weighted by the rows that have a reference. Returns
+    ``{"metrics", "outputs", "tasks": {name: metrics}}`` (``tasks`` only with two or more tasks);
+    ``outputs`` follow ``rows`` (those with a reference), as ``measure`` would give them.
+    """
+    names = list(dict.fromkeys(e.extra.get("task") for e in rows))
+    if len(names) <= 1:
+        return measure(rows, feats)
+    task_of_id = {e.id: e.extra.get("task") for e in rows}
+    per, outs = {}, {}
+    tokens, refs = {}, {}
+    for t in names:
+        sub_rows = [e for e in rows if e.extra.get("task") == t]
+        sub_feats = [f for f in feats if task_of_id.get(f["id"]) == t]
+        ev = measure(sub_rows, sub_feats)
+        per[t] = ev["metrics"]
+        with_ref = [e for e in sub_rows if e.reference is not None]
+        outs.update({e.id: o for e, o in zip(with_ref, ev.get("outputs") or [])})
+        tokens[t] = sum(sum(1 for l in f["labels"] if l != IGNORE_INDEX) for f in sub_feats)
+        refs[t] = len(with_ref)
+
+    def mean(key, weight, log=False):
+        have = [t for t in names if key in per[t] and weight[t] > 0]
+        if not have:
+            return None
+        w = sum(weight[t] for t in have)
+        if log:
+            return math.exp(sum(weight[t] * math.log(max(per[t][key], 1e-300)) for t in have) / w)
+        return sum(weight[t] * per[t][key] for t in have) / w
+
+    overall = {}
+    for key, weight, log in (("perplexity", tokens, True), ("kl_to_teacher", tokens, False),
+                             ("top1_agreement", tokens, False), ("accuracy", refs, False)):
+        v = mean(key, weight, log)
+        if v is not None:
+            overall[key] = round(v, 6)
+    outputs = [outs[e.id] for e in rows if e.reference is not None and e.id in outs]
+    return {"metrics": overall, "outputs": outputs, "tasks": per}
+
+
 def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", text.strip().lower())
 

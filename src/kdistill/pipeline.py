@@ -17,9 +17,10 @@ from typing import Any, Callable, Optional
 import torch
 
 from kdistill.config import Config, check_paths, dump_config
-from kdistill.data import Example, Renderer, collate, encode_examples, load_examples, split_examples
+from kdistill.data import (Example, Renderer, collate, encode_examples, load_examples, mix_tasks, split_examples,
+                           tag_task, task_of)
 from kdistill.errors import ConfigError, DataError
-from kdistill.evaluate import logit_metrics, measure_speed, retention, task_accuracy
+from kdistill.evaluate import by_task, logit_metrics, measure_speed, retention, task_accuracy
 from kdistill.models import (
     check_vocab,
     count_params,
@@ -46,11 +47,31 @@ class Models:
     extra: dict = field(default_factory=dict)
 
 
-def load_data(cfg: Config, require_train: bool = True, require_response: bool = True) -> tuple[list[Example], list[Example]]:
+def load_data(cfg: Config, require_train: bool = True, require_response: bool = True,
+              mixture: Optional[dict] = None) -> tuple[list[Example], list[Example]]:
     """Training rows and held-out rows (``data.eval``, or a deterministic split of ``data.train``).
 
     ``require_response=False``: prompt-only rows are accepted (methods that write their own answers).
+    With ``data.tasks``: every task's rows (ids ``task/ID``, ``extra["task"]``), held out per task
+    (at most ``data.max_eval_rows`` each), the training rows mixed by the tasks' weights
+    (:func:`kdistill.data.mix_tasks`); ``mixture`` (a dict) receives the per-task counts.
     """
+    if cfg.data.tasks is not None:
+        train, held = [], []
+        for t in cfg.data.tasks:
+            rows = tag_task(load_examples(t.train, require_response=require_response), t.name)
+            if t.eval is not None:
+                h = tag_task(load_examples(t.eval, require_response=require_response), t.name)
+            else:
+                rows, h = split_examples(rows, cfg.data.eval_fraction, cfg.train.seed)
+            train += rows
+            held += h[: cfg.data.max_eval_rows]
+        stats = {t.name: {"rows": sum(task_of(e) == t.name for e in train)} for t in cfg.data.tasks}
+        if all(t.weight is not None for t in cfg.data.tasks):
+            train, stats = mix_tasks(train, {t.name: t.weight for t in cfg.data.tasks}, cfg.train.seed)
+        if mixture is not None:
+            mixture.update(stats)
+        return train, held
     train: list[Example] = []
     if cfg.data.train is not None:
         train = load_examples(cfg.data.train, require_response=require_response)
@@ -150,22 +171,26 @@ def _importance(teacher, tok, cfg: Config, rows: list[Example]) -> list[float]:
 
 
 def model_metrics(model, m: Models, cfg: Config, renderer: Renderer, eval_rows, eval_feats, with_teacher: bool, device) -> dict:
-    """Held-out logit metrics and task accuracy of one model (outputs kept for samples)."""
-    metrics = logit_metrics(
-        model, eval_feats, m.tokenizer.pad_token_id, m.vocab_size,
-        teacher=m.teacher if with_teacher else None, batch_size=cfg.eval.batch_size, device=device,
-    )
-    if not with_teacher:  # the teacher against itself
-        metrics["kl_to_teacher"] = 0.0
-        metrics["top1_agreement"] = 1.0
-    outputs: list[str] = []
-    if cfg.eval.generate:
-        acc, outputs = task_accuracy(
-            model, m.tokenizer, renderer, eval_rows, cfg.eval.max_new_tokens, cfg.eval.batch_size, cfg.eval.match
+    """Held-out logit metrics and task accuracy of one model (outputs kept for samples); per task
+    too when the rows come from several ``data.tasks``."""
+
+    def measure(rows, feats) -> dict:
+        metrics = logit_metrics(
+            model, feats, m.tokenizer.pad_token_id, m.vocab_size,
+            teacher=m.teacher if with_teacher else None, batch_size=cfg.eval.batch_size, device=device,
         )
-        if acc is not None:
-            metrics["accuracy"] = acc
-    return {"metrics": {k: round(v, 6) for k, v in metrics.items()}, "outputs": outputs}
+        if not with_teacher:  # the teacher against itself
+            metrics["kl_to_teacher"] = 0.0
+            metrics["top1_agreement"] = 1.0
+        outputs: list[str] = []
+        if cfg.eval.generate:
+            acc, outputs = task_accuracy(model, m.tokenizer, renderer, rows, cfg.eval.max_new_tokens,
+                                         cfg.eval.batch_size, cfg.eval.match)
+            if acc is not None:
+                metrics["accuracy"] = acc
+        return {"metrics": {k: round(v, 6) for k, v in metrics.items()}, "outputs": outputs}
+
+    return by_task(eval_rows, eval_feats, measure)
 
 
 TEACHER_EVAL_FILE = "teacher_eval.json"  # in a teacher cache folder: the teacher's held-out figures
@@ -243,6 +268,14 @@ def build_report(cfg: Config, m: Models, teacher_ev: dict, initial_ev: Optional[
     if initial_ev is not None:
         rep["student_initial"] = {"params": rep["student"]["params"], "metrics": initial_ev["metrics"]}
     rep["retention"] = retention(final_ev["metrics"], teacher_ev["metrics"])
+    if final_ev.get("tasks"):
+        rep["tasks"] = {
+            name: {"teacher": (teacher_ev.get("tasks") or {}).get(name, {}),
+                   **({"student_initial": (initial_ev.get("tasks") or {}).get(name, {})} if initial_ev else {}),
+                   "student": metrics,
+                   "retention": retention(metrics, (teacher_ev.get("tasks") or {}).get(name, {}))}
+            for name, metrics in final_ev["tasks"].items()
+        }
     rep["speed"] = speed
     if training:
         rep["training"] = training
@@ -320,7 +353,8 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
     from kdistill.methods import needs_responses
 
     prompts_only = not needs_responses(cfg.method)  # e.g. zephyr: the teacher and student write the answers
-    train_rows, eval_rows = load_data(cfg, require_response=not prompts_only)
+    mixture: dict = {}
+    train_rows, eval_rows = load_data(cfg, require_response=not prompts_only, mixture=mixture)
     acc = start_run(cfg, out)
     device = acc.device
     m = load_models(cfg, train_rows, out, say)
@@ -336,7 +370,8 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
         say(f"data: {truncated} of {len(train_rows)} training rows truncated to data.max_length={cfg.data.max_length}"
             + (f"; {n_empty} had no response tokens left and are skipped" if n_empty else ""))
     if not feats and not prompts_only:
-        raise DataError(f"{cfg.data.train}: no row has response tokens within data.max_length={cfg.data.max_length}")
+        raise DataError(f"{cfg.data.train or 'data.tasks'}: no row has response tokens within "
+                        f"data.max_length={cfg.data.max_length}")
 
     from kdistill.teachers.build import build_teacher, reload_teacher, uses_model
 
@@ -397,6 +432,8 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
     final_ev = model_metrics(student, m, cfg, eval_renderer, eval_rows, eval_feats, True, device)
     speed = _speed(m, eval_renderer, eval_rows, cfg, device) if acc.is_main_process else {}
     rep = build_report(cfg, m, teacher_ev, initial_ev, final_ev, eval_rows, speed, training, method.summary())
+    if mixture:
+        rep["data_mixture"] = mixture
     if m.teacher is None:
         why = "trained from an offline teacher cache without teacher.model"
         rep.setdefault("unavailable", {}).update({"kl_to_teacher": why, "top1_agreement": why})

@@ -62,6 +62,22 @@ def write_markdown(report: dict, path: Path) -> None:
     for row in metrics_table(report):
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Retention = student / teacher, oriented so 1.0 means parity (see `kdistill.evaluate`).", ""]
+    tasks = report.get("tasks") or {}
+    if tasks:
+        keys = [k for k in METRIC_ORDER if any(k in v["student"] for v in tasks.values())]
+        lines += ["## Per task", "", "| task | metric | teacher | student (initial) | student (trained) | retention |",
+                  "|---|---|---|---|---|---|"]
+        for name, v in tasks.items():
+            for k in keys:
+                lines.append(f"| {name} | {k} | {_fmt(v['teacher'].get(k))} | "
+                             f"{_fmt((v.get('student_initial') or {}).get(k))} | {_fmt(v['student'].get(k))} | "
+                             f"{_fmt(v['retention'].get(k))} |")
+        mix = report.get("data_mixture") or {}
+        if mix:
+            lines.append("")
+            lines.append("Training rows per task: " + ", ".join(
+                f"{n} {s.get('used', s.get('rows'))}" + (f" of {s['rows']}" if "used" in s else "") for n, s in mix.items()))
+        lines.append("")
     for k, why in (report.get("unavailable") or {}).items():  # e.g. an API teacher has no token probabilities
         lines.append(f"- {k}: not measured ({why})")
     if report.get("unavailable"):

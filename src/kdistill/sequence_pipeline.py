@@ -98,6 +98,10 @@ def _load_student(cfg: Config, local: Optional[tuple], train_rows: list[Example]
 
 
 def _rows(cfg: Config, train_path: Optional[str], require_train: bool) -> tuple[list[Example], list[Example]]:
+    if cfg.data.tasks is not None:  # teacher-written rows per task
+        from kdistill.pipeline import load_data
+
+        return load_data(cfg, require_train=require_train)
     train: list[Example] = []
     if train_path is not None:
         train = load_examples(train_path)
@@ -179,6 +183,9 @@ def run_sequence(cfg: Config, say: Callable[[str], None] = log.info, progress: b
     if cfg.student.init is not None and cfg.teacher.model is None:
         raise ConfigError("student.init: cutting a student needs a local teacher.model; with an API-only teacher "
                           "give student.model")
+    if cfg.generate is not None and cfg.data.tasks is not None:
+        raise ConfigError("data.tasks: a generate: section writes one file; run `kdistill generate` per task and "
+                          "list the answer files in data.tasks")
     if cfg.generate is not None and cfg.teacher.api is None and cfg.teacher.model is None:
         raise ConfigError("teacher: a generate: section needs teacher.api or teacher.model to write the answers")
     check_paths(cfg, need_train=False)
