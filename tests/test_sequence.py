@@ -208,3 +208,15 @@ def test_local_teacher_generates_at_run_time_for_a_student_with_another_tokenize
     assert "perplexity" in rep["teacher"]["metrics"] and "perplexity" in rep["student"]["metrics"]
     assert set(rep["unavailable"]) == {"kl_to_teacher", "top1_agreement", "perplexity"}
     assert rep["retention"]["perplexity"] is None
+
+
+def test_sequence_method_takes_a_length_curriculum(tiny, tmp_path):
+    from conftest import base_config
+    from kdistill.config import load_config
+    from kdistill.sequence_pipeline import run_sequence
+
+    cfg = base_config(tiny, tmp_path / "seq", method="sequence", student={"model": str(tiny / "other_student"), "init": None},
+                      train={"max_steps": 3}, eval={"generate": False, "speed_prompts": 0},
+                      curriculum={"by": "length", "start": 0.5, "steps": 1.0})
+    rep = run_sequence(load_config(base=cfg), say=lambda _: None, progress=False)
+    assert rep["training"]["curriculum"]["by"] == "length" and rep["training"]["steps"] == 3

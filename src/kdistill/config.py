@@ -236,6 +236,17 @@ class TrainConfig(Section):
         return self
 
 
+class CurriculumConfig(Section):
+    """Easiest rows first (see :mod:`kdistill.curriculum`); ``by: none`` = ordinary shuffled epochs."""
+
+    by: Literal["none", "length", "teacher_loss"] = Field(
+        "none", description="difficulty: response length, or the teacher's mean loss on the response"
+    )
+    start: float = Field(0.3, gt=0.0, le=1.0, description="share of the (easiest) rows available at the first step")
+    steps: float = Field(0.5, gt=0.0, le=1.0, description="share of the optimizer steps until every row is available")
+    pacing: Literal["linear", "sqrt"] = Field("linear", description="how the pool grows from start to all rows")
+
+
 class EvalConfig(Section):
     batch_size: int = Field(8, ge=1)
     max_new_tokens: int = Field(32, ge=1)
@@ -458,6 +469,7 @@ class Config(Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     generate: Optional[GenerateConfig] = None
     filters: FiltersConfig = Field(default_factory=FiltersConfig)

@@ -414,8 +414,18 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
         training = {**training, "truncated_rows": truncated}
     else:
         wrapper = StudentLM(m.student, method.trainable_modules())
+        curriculum = None
+        if cfg.curriculum.by != "none":
+            from kdistill.curriculum import difficulty
+
+            from kdistill.teachers.local import LocalTeacher
+
+            live = teacher.model if isinstance(teacher, LocalTeacher) else None
+            scores = difficulty(cfg.curriculum, feats, out, live, m.tokenizer.pad_token_id, m.vocab_size,
+                                cfg.eval.batch_size)
+            curriculum = (cfg.curriculum, scores)
         result = train(wrapper, method, feats, lambda b: collate(b, m.tokenizer.pad_token_id), cfg.train, out,
-                       accelerator=acc, progress=progress)
+                       accelerator=acc, progress=progress, curriculum=curriculum)
         student = acc.unwrap_model(wrapper).model
         if result.resumed_from is not None:
             say(f"resumed from the checkpoint at step {result.resumed_from} of {result.steps}"
@@ -425,6 +435,10 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
             "items": result.tokens, "resumed_from": result.resumed_from, "stopped_early": result.stopped_early,
             "truncated_rows": truncated,
         }
+        if curriculum is not None:
+            from kdistill.curriculum import describe
+
+            training["curriculum"] = describe(cfg.curriculum, curriculum[1], result.steps)
     m.student = student
     if freed_teacher:
         m.teacher = reload_teacher(cfg, device)

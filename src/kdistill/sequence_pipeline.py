@@ -289,12 +289,23 @@ def run_sequence(cfg: Config, say: Callable[[str], None] = log.info, progress: b
 
         say(f"training (sequence-level KD, cross-entropy on teacher text) on {len(feats)} views of {len(train_rows)} rows")
         wrapper = StudentLM(student)
+        curriculum = None
+        if cfg.curriculum.by != "none":
+            from kdistill.curriculum import difficulty
+
+            scores = difficulty(cfg.curriculum, feats, out, t_model if same_vocab else None, s_tok.pad_token_id,
+                                vocab or len(s_tok), cfg.eval.batch_size)
+            curriculum = (cfg.curriculum, scores)
         result = train_loop(wrapper, method, feats, lambda b: collate(b, s_tok.pad_token_id), cfg.train, out,
-                            accelerator=acc, progress=progress)
+                            accelerator=acc, progress=progress, curriculum=curriculum)
         student = acc.unwrap_model(wrapper).model
         training = {"steps": result.steps, "seconds": round(result.seconds, 1), "train_rows": len(feats),
                     "items": result.tokens, "resumed_from": result.resumed_from, "stopped_early": result.stopped_early,
                     "truncated_rows": renderer.truncated}
+        if curriculum is not None:
+            from kdistill.curriculum import describe
+
+            training["curriculum"] = describe(cfg.curriculum, curriculum[1], result.steps)
     final_ev = student_eval(student)
 
     # 5. report

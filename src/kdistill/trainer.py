@@ -63,6 +63,7 @@ def train(
     output_dir: Path,
     accelerator=None,
     progress: bool = True,
+    curriculum=None,
 ) -> TrainResult:
     """Train ``model`` (a :class:`~kdistill.methods.base.StudentLM`) in place.
 
@@ -70,6 +71,8 @@ def train(
         features: encoded rows (``input_ids``, ``labels``, ``id``).
         tcfg: the config's ``train`` section.
         output_dir: where ``metrics.jsonl`` and ``checkpoints/`` go.
+        curriculum: ``(config, difficulty per row)`` for an easiest-first start
+            (:mod:`kdistill.curriculum`); None = shuffled epochs throughout.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -114,18 +117,28 @@ def train(
     elif acc.is_main_process and metrics_path.exists():
         metrics_path.unlink()
 
+    pick = None
+    if curriculum is not None:
+        from kdistill.curriculum import schedule
+
+        cc, scores = curriculum
+        pick = schedule(cc, scores, tcfg.batch_size, tcfg.seed, total_steps, ga * world)
+
     def micro_batches(start: int):
         """This process's micro-batches from global index ``start`` on, epoch after epoch.
 
-        Global micro-batch g (epoch g // per_epoch) goes to process g % world, so a resumed run
-        sees exactly the batches it would have seen without the interruption.
+        Global micro-batch g (epoch g // per_epoch, or the curriculum's pick while it lasts) goes
+        to process g % world, so a resumed run sees exactly the batches it would have seen
+        without the interruption.
         """
         g = start
         while True:
-            epoch, j = divmod(g, per_epoch)
-            batches = _epoch_batches(len(features), tcfg.batch_size, tcfg.seed, epoch)
             if g % world == rank:
-                yield _move(collate_fn([features[k] for k in batches[j]]), acc.device)
+                rows = pick(g) if pick is not None else None
+                if rows is None:
+                    epoch, j = divmod(g, per_epoch)
+                    rows = _epoch_batches(len(features), tcfg.batch_size, tcfg.seed, epoch)[j]
+                yield _move(collate_fn([features[k] for k in rows]), acc.device)
             g += 1
 
     stream = micro_batches(cursor)
