@@ -20,7 +20,7 @@ from kdistill.errors import ConfigError
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 LAYER_SELECTIONS = ("uniform", "first", "last", "first_last", "importance")
-METHODS = ("logit", "sequence", "on_policy", "on_policy_filter", "self_distill", "zephyr", "dpo")
+METHODS = ("logit", "sequence", "on_policy", "on_policy_filter", "self_distill", "zephyr", "dpo", "progressive")
 
 
 class Section(BaseModel):
@@ -380,6 +380,30 @@ class OnPolicyConfig(Section):
     engine: Literal["transformers", "vllm"] = Field("transformers", description=ENGINE_DESCRIPTION)
 
 
+class ProgressiveConfig(Section):
+    """``method: progressive`` — shrink the student in stages, distilling at each size (logit KD).
+
+    Stage 0 trains the student as configured (e.g. cut from the teacher by ``student.init``); each
+    later stage cuts the previous stage's student to the next size in ``layers`` (by
+    ``layer_selection``) and distills into it, from the original teacher or (``teacher: previous``)
+    from the previous stage's student as a teacher assistant (TAKD, Mirzadeh et al. 2020).
+    """
+
+    layers: list[int] = Field(default_factory=list, description="sizes after stage 0, each smaller than the one before")
+    teacher: Literal["original", "previous"] = Field("original", description="who teaches the later stages")
+    layer_selection: Literal["importance", "uniform", "first", "last", "first_last"] = Field(
+        "importance", description="which blocks of the previous stage's student a stage keeps"
+    )
+    steps_per_stage: Optional[int] = Field(None, ge=1, description="optimizer steps per stage (none = train.max_steps)")
+
+    @field_validator("layers")
+    @classmethod
+    def _decreasing(cls, v: list[int]) -> list[int]:
+        if any(n < 1 for n in v) or any(b >= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"expected positive sizes, each smaller than the one before, got {v}")
+        return v
+
+
 class RatingConfig(Section):
     """How a model rates an answer as a judge (``scorer: judge``): a rating prompt, scored from the
     judge's next-token probabilities of the tokens "1".."scale" (expected rating, in [1, scale])."""
@@ -480,6 +504,7 @@ class Config(Section):
     zephyr: ZephyrConfig = Field(default_factory=ZephyrConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     rating: RatingConfig = Field(default_factory=RatingConfig)
+    progressive: ProgressiveConfig = Field(default_factory=ProgressiveConfig)
     vllm: VllmConfig = Field(default_factory=VllmConfig)
 
     @field_validator("method")
@@ -497,6 +522,8 @@ class Config(Section):
                 self.loss.divergence = "jsd"
             if "alpha" not in self.loss.model_fields_set:
                 self.loss.alpha = 1.0
+        if self.method == "progressive" and not self.progressive.layers:
+            raise ValueError("method progressive: set progressive.layers (the student sizes after stage 0, e.g. [12, 8])")
         if self.method == "dpo" and self.dpo.pairs is None:
             raise ValueError("method dpo: set dpo.pairs (a JSONL of prompt, chosen, rejected)")
         return self

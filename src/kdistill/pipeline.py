@@ -412,6 +412,7 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
     if staged is not None:
         student, training = staged
         training = {**training, "truncated_rows": truncated}
+        m.teacher_layers = getattr(student.config, "kdistill_teacher_layers", m.teacher_layers)  # e.g. cut again
     else:
         wrapper = StudentLM(m.student, method.trainable_modules())
         curriculum = None

@@ -45,6 +45,7 @@ def _load_builtin() -> None:
     from kdistill.methods import logit  # noqa: F401
     from kdistill.methods import sequence  # noqa: F401  (issue 4)
     from kdistill.methods import dpo, on_policy, rounds, zephyr  # noqa: F401  (issue 6)
+    from kdistill.methods import progressive  # noqa: F401
 
 
 __all__ = ["Method", "RunContext", "build_method", "register"]
