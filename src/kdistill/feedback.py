@@ -190,10 +190,12 @@ class JsonlStore:
             os.fsync(fh.fileno())
 
     def fill(self, items: list, key_of: Callable, make: Callable[[list], list[dict]], batch_size: int,
-             desc: Optional[str] = None) -> list[dict]:
+             desc: Optional[str] = None, allow_missing: bool = False) -> list[dict]:
         """Run ``make`` on the items not stored yet, ``batch_size`` at a time; all rows in item order.
 
-        With ``desc``, a progress bar (main process) counts done/total items.
+        With ``desc``, a progress bar (main process) counts done/total items. ``allow_missing``:
+        ``make`` may return no row for an item (e.g. a failed request): it is left out of the
+        result and made again on the next fill.
         """
         todo = [it for it in items if key_of(it) not in self.rows]
         mine = todo[self.rank :: self.world]
@@ -214,6 +216,8 @@ class JsonlStore:
             _state().wait_for_everyone()
             on_main(self._consolidate)
             self.rows, _ = _read_rows(self.path, self.key)
+        if allow_missing:
+            return [self.rows[key_of(it)] for it in items if key_of(it) in self.rows]
         return [self.rows[key_of(it)] for it in items]
 
 

@@ -386,7 +386,16 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
 
     if acc.is_main_process:
         say(f"evaluating the teacher and the initial student on {len(eval_rows)} held-out rows")
-    if m.teacher is None:  # trained from a cache only: the figures cache-teacher measured, if any
+    from kdistill.teachers.api import ApiTextTeacher
+
+    text_teacher = isinstance(teacher, ApiTextTeacher)
+    if text_teacher:  # an API teacher: its greedy answers to the held-out rows (cached on disk)
+        from kdistill.sequence_pipeline import _api_accuracy
+
+        with acc.main_process_first():
+            api_m, api_out = _api_accuracy(cfg, eval_rows, out)
+        teacher_ev = {"metrics": {"accuracy": round(api_m["accuracy"], 6)} if api_m else {}, "outputs": api_out}
+    elif m.teacher is None:  # trained from a cache only: the figures cache-teacher measured, if any
         teacher_ev = cached_teacher_eval(cfg, eval_rows, say if acc.is_main_process else (lambda _: None))
     else:
         teacher_ev = _cached(out / "eval_teacher.json",
@@ -449,7 +458,12 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
     rep = build_report(cfg, m, teacher_ev, initial_ev, final_ev, eval_rows, speed, training, method.summary())
     if mixture:
         rep["data_mixture"] = mixture
-    if m.teacher is None:
+    if text_teacher:
+        why = "the teacher is an API (text only: no token probabilities)"
+        rep.setdefault("unavailable", {}).update({"perplexity": why, "kl_to_teacher": why, "top1_agreement": why})
+        for k in ("perplexity", "kl_to_teacher", "top1_agreement"):
+            rep["retention"].pop(k, None)
+    elif m.teacher is None:
         why = "trained from an offline teacher cache without teacher.model"
         rep.setdefault("unavailable", {}).update({"kl_to_teacher": why, "top1_agreement": why})
         if not teacher_ev["metrics"]:

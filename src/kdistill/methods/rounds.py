@@ -71,9 +71,23 @@ def score_candidates(kind: str, ctx: RunContext, model, prompts: list[str], feat
     bs = ctx.cfg.eval.batch_size
     if kind == "judge":
         rc = ctx.cfg.rating
-        return judge_scores(model, ctx.tokenizer, judge_renderer(ctx), prompts, texts, rc.template or DEFAULT_JUDGE_TEMPLATE,
-                            rc.scale, bs)
+        template = rc.template or DEFAULT_JUDGE_TEMPLATE
+        if model is None and api_teacher(ctx) is not None:  # a text-only teacher: its integer ratings
+            ratings = api_teacher(ctx).rate([template.format(prompt=p, answer=a, scale=rc.scale)
+                                             for p, a in zip(prompts, texts)], rc.scale)
+            return [r if r is not None else 0.0 for r in ratings]  # unrated: below every rating
+        return judge_scores(model, ctx.tokenizer, judge_renderer(ctx), prompts, texts, template, rc.scale, bs)
+    if model is None:
+        raise ValueError(f"scorer {kind}: needs the teacher's token probabilities (teacher.model); an API teacher "
+                         "can only judge (scorer: judge)")
     return loglik_scores(model, feats, ctx.tokenizer.pad_token_id, ctx.vocab_size, bs)
+
+
+def api_teacher(ctx: RunContext):
+    """The text-only API teacher of the run, or None."""
+    from kdistill.teachers.api import ApiTextTeacher
+
+    return ctx.teacher if isinstance(ctx.teacher, ApiTextTeacher) else None
 
 
 def _mean(xs):
@@ -94,7 +108,7 @@ class RoundsMethod(Method):
             from kdistill.vllm_engine import import_vllm
 
             import_vllm(f"{self.name}.engine")  # fail before any work when it is missing
-        if self.scorer_kind() != "self":
+        if self.scorer_kind() != "self" and not (self.scorer_kind() == "judge" and api_teacher(ctx) is not None):
             teacher_model(ctx, f"{self.name} with scorer {self.scorer_kind()}")
 
     # -- subclass hooks -------------------------------------------------------------------------
@@ -120,7 +134,7 @@ class RoundsMethod(Method):
         ctx, sc = self.ctx, self.sc
         tok, renderer, max_len = ctx.tokenizer, ctx.renderer, ctx.cfg.data.max_length
         kind = self.scorer_kind()
-        scorer = student if kind == "self" else ctx.teacher.model
+        scorer = student if kind == "self" else getattr(ctx.teacher, "model", None)
         eos = set(eos_ids(hf_model(student), tok))
         torch.manual_seed(process_seed(ctx.cfg.train.seed * 1000 + r))  # each process samples its own stream
         store = JsonlStore(rdir / "candidates.jsonl")
@@ -205,7 +219,9 @@ class RoundsMethod(Method):
                          "resumed_from": resumed, "stopped_early": False, "rounds": self.n_rounds()}
 
     def summary(self) -> dict:
+        api = api_teacher(self.ctx)
         return {
+            **({"api_judge": dict(api.stats)} if api is not None else {}),
             "scorer": self.sc.scorer,
             "candidates_per_prompt": self.sc.n,
             "candidates_kept_per_round": [r["kept"] for r in self.rounds],

@@ -52,7 +52,7 @@ from kdistill.generation import make_sampler
 from kdistill.methods import register
 from kdistill.methods.base import Method, RunContext
 from kdistill.methods.dpo import dpo_stage, encode_pair
-from kdistill.methods.rounds import score_candidates, teacher_model
+from kdistill.methods.rounds import api_teacher, score_candidates, teacher_model
 from kdistill.stages import combine_metrics, process_seed, train_config
 
 
@@ -74,7 +74,11 @@ class Zephyr(Method):
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
         self.zc = ctx.cfg.zephyr
-        self.teacher = teacher_model(ctx, "zephyr")
+        self.api = api_teacher(ctx)  # a text-only teacher: answers and ratings over HTTP
+        self.teacher = None if self.api is not None else teacher_model(ctx, "zephyr")
+        if self.api is not None and self.zc.scorer != "judge":
+            raise ValueError("zephyr.scorer: loglik needs the teacher's token probabilities; with an API teacher "
+                             "use scorer: judge")
         self.stages: dict = {}
         self.root = Path(ctx.output_dir) / "zephyr"
         self.sampler = None
@@ -92,10 +96,16 @@ class Zephyr(Method):
             return load_saved(student, sdir / "student"), done
         t0 = time.time()
         tok, renderer, max_len = ctx.tokenizer, ctx.renderer, ctx.cfg.data.max_length
-        eos = set(eos_ids(self.teacher, tok))
+        eos = set(eos_ids(self.teacher, tok)) if self.teacher is not None else set()
         torch.manual_seed(process_seed(ctx.cfg.train.seed))
         if zc.sft_data is None:
             runner.say(f"zephyr 1/3 dSFT: the teacher answers {len(ctx.train_examples)} prompts")
+
+        def answer_api(examples):  # failed requests are not stored: a rerun asks again
+            texts = self.api.answer([e.messages for e in examples], zc.sft_temperature, zc.max_new_tokens)
+            return [{"id": e.id, "messages": e.messages, "prompt": e.prompt, "response": t.strip(),
+                     "finish_reason": "stop", "teacher": self.api.name, "temperature": zc.sft_temperature}
+                    for e, t in zip(examples, texts) if t is not None and t.strip()]
 
         def answer(examples):
             prompts = [renderer.prompt_ids(e) for e in examples]
@@ -112,10 +122,14 @@ class Zephyr(Method):
             rows = [{"id": e.id, "finish_reason": e.extra.get("finish_reason", "stop")} for e in given]
             feats, _ = encode_examples(renderer, given)
         else:
-            rows = JsonlStore(sdir / "teacher.jsonl").fill(ctx.train_examples, lambda e: e.id, answer,
-                                                           ctx.cfg.eval.batch_size,
-                                                           desc="teacher answers" if runner.progress else None)
-            feats = [completion_feature(r["prompt_ids"], r["completion_ids"], r["id"], max_len) for r in rows]
+            store = JsonlStore(sdir / "teacher.jsonl")
+            rows = store.fill(ctx.train_examples, lambda e: e.id, answer_api if self.api is not None else answer,
+                              ctx.cfg.eval.batch_size, desc="teacher answers" if runner.progress else None,
+                              allow_missing=self.api is not None)
+            if not rows:
+                raise ValueError("zephyr dSFT: the API teacher answered no prompt (see the log; rerun to retry)")
+            feats = [completion_feature(r["prompt_ids"], r["completion_ids"], r["id"], max_len) if "completion_ids" in r
+                     else renderer.encode(Example(r["id"], r["messages"], r["response"])) for r in rows]
         runner.say(f"zephyr 1/3 dSFT: training on {len(feats)} teacher answers")
         student, result = runner.train(student, Method(ctx), feats, sdir,
                                        tcfg=train_config(ctx.cfg.train, max_steps=zc.sft_max_steps))
@@ -266,6 +280,7 @@ class Zephyr(Method):
         wr = self.stages.get("win_rate_vs_dsft") or {}
         dpo = self.stages.get("dpo") or {}
         return {
+            **({"api_teacher": dict(self.api.stats)} if self.api is not None else {}),
             "win_rate_vs_dsft": wr.get("win_rate"),
             "dpo_reward_margin": (dpo.get("after") or {}).get("reward_margin"),
             "dpo_reward_accuracy": (dpo.get("after") or {}).get("reward_accuracy"),

@@ -24,6 +24,14 @@ from kdistill.errors import ConfigError, ModelError
 log = logging.getLogger("kdistill")
 
 CACHE_METHODS = ("logit",)  # methods that train on the dataset's own sequences (what a cache covers)
+# methods that can work with a text-only teacher (teacher.api alone): its answers and its ratings
+TEXT_TEACHER_METHODS = ("zephyr", "on_policy_filter", "self_distill")
+
+
+def api_text_only(cfg) -> bool:
+    """The teacher is an API and nothing else (no model, no cache, one teacher)."""
+    return (not cfg.teachers and cfg.teacher.api is not None and cfg.teacher.model is None
+            and cfg.teacher.cache is None)
 
 
 def teacher_configs(cfg) -> list:
@@ -56,25 +64,32 @@ def load_student_only(cfg, say: Callable[[str], None] = log.info):
     from kdistill.pipeline import Models
 
     specs = teacher_configs(cfg)
-    if not any(t.cache for t in specs):
+    text_only = api_text_only(cfg) and cfg.method in TEXT_TEACHER_METHODS
+    if not any(t.cache for t in specs) and not text_only:
         if getattr(cfg.teacher, "api", None) is not None:
             raise ConfigError(
                 f"teacher.api: method {cfg.method} needs the teacher's token distributions, which an API does not give; "
-                "use method: sequence (the teacher's answers), or teacher.model / teacher.cache"
+                f"use method: sequence (the teacher's answers), {', '.join(TEXT_TEACHER_METHODS)} (its answers and "
+                "ratings), or teacher.model / teacher.cache"
             )
         raise ConfigError("teacher.model: required for this method (hub id, folder, .gguf file, or 'demo'), or teacher.cache")
     if cfg.student is None:
         raise ConfigError("student: required key is missing (student.model when the teacher is only a cache)")
+    what = "an API" if text_only else "a cache"
     if cfg.student.model is None:
         raise ConfigError(
-            "student.model: required when the teacher is only a cache (student.init cuts the student from the teacher's "
-            "weights: give teacher.model too, or a student.model)"
+            f"student.model: required when the teacher is only {what} (student.init cuts the student from the "
+            "teacher's weights: give teacher.model too, or a student.model)"
         )
     student, tok = load_model(cfg.student.model, "student.model", cfg.student.dtype, cfg.student.revision,
                               cfg.student.trust_remote_code)
     if cfg.student.freeze_embeddings:
         student.get_input_embeddings().weight.requires_grad_(False)
     vocab = min(output_vocab_size(student), len(tok))
+    if text_only:
+        name = f"api:{cfg.teacher.api.model} @ {cfg.teacher.api.base_url}"
+        say(f"teacher: {name} (text only: its answers and ratings; no token probabilities)")
+        return Models(None, student, tok, vocab, name, cfg.student.model)
     names = [f"{TopKCache(t.cache).teacher} (cache {t.cache})" for t in specs if t.cache]
     say(f"teacher: offline cache only ({', '.join(names)}); no teacher model is loaded")
     return Models(None, student, tok, vocab, " + ".join(names), cfg.student.model)
@@ -93,6 +108,10 @@ def build_teacher(cfg, m, features: list[dict], device=None, say: Callable[[str]
     from kdistill.teachers.local import LocalTeacher
     from kdistill.teachers.multi import MultiTeacher
 
+    if api_text_only(cfg) and cfg.method in TEXT_TEACHER_METHODS:
+        from kdistill.teachers.api import ApiTextTeacher
+
+        return ApiTextTeacher(cfg.teacher.api, cfg.data.system_prompt)
     specs = teacher_configs(cfg)
     prim = primary_teacher(cfg)
     built, names = [], []
