@@ -98,3 +98,35 @@ def base_config(tiny: Path, out: Path, **sections) -> dict:
     for k, v in sections.items():
         cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
     return cfg
+
+
+class Crash(RuntimeError):
+    """A simulated crash (see :func:`crash_at_loss`)."""
+
+
+def crash_at_loss(monkeypatch, n: int) -> None:
+    """Make the ``logit`` method raise :class:`Crash` on its n-th loss call (undo: monkeypatch.undo)."""
+    from kdistill.methods import logit
+
+    real = logit.LogitMethod.loss
+    calls = {"n": 0}
+
+    def flaky(self, model, batch, num_items):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise Crash("simulated crash")
+        return real(self, model, batch, num_items)
+
+    monkeypatch.setattr(logit.LogitMethod, "loss", flaky)
+
+
+def narrow_student(tiny: Path, folder: Path, hidden: int = 32) -> Path:
+    """A 2-layer student of another width than the tiny teacher, with its tokenizer, saved in ``folder``."""
+    from kdistill.models import load_model
+
+    narrow = make_llama(400, layers=2, seed=3, hidden=hidden)
+    _, tok = load_model(str(tiny / "teacher"))
+    narrow.resize_token_embeddings(len(tok))
+    narrow.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -7,16 +7,12 @@ import json
 import pytest
 import torch
 
-from conftest import base_config
+from conftest import Crash, base_config, crash_at_loss
 from kdistill.config import CurriculumConfig, load_config
 from kdistill.curriculum import schedule
 from kdistill.pipeline import run
 
 QUIET = {"generate": False, "speed_prompts": 0}
-
-
-class Boom(Exception):
-    pass
 
 
 def test_schedule_grows_the_pool_from_the_easiest_rows():
@@ -59,7 +55,6 @@ def test_first_batches_are_the_shortest_rows(tiny, tmp_path, monkeypatch):
 
 def test_teacher_loss_curriculum_resumes_exactly_without_rescoring(tiny, tmp_path, monkeypatch):
     from kdistill import feedback
-    from kdistill.methods import logit
 
     common = dict(eval=QUIET, train={"max_steps": 6, "save_every": 3},
                   curriculum={"by": "teacher_loss", "start": 0.3, "steps": 0.7})
@@ -69,19 +64,10 @@ def test_teacher_loss_curriculum_resumes_exactly_without_rescoring(tiny, tmp_pat
 
     crashed = tmp_path / "crashed"
     cfg = load_config(base=base_config(tiny, crashed, **common))
-    real = logit.LogitMethod.loss
-    calls = {"n": 0}
-
-    def flaky(self, model, batch, num_items):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise Boom("simulated crash")
-        return real(self, model, batch, num_items)
-
-    monkeypatch.setattr(logit.LogitMethod, "loss", flaky)
-    with pytest.raises(Boom):
+    crash_at_loss(monkeypatch, 5)
+    with pytest.raises(Crash):
         run(cfg, progress=False)
-    monkeypatch.setattr(logit.LogitMethod, "loss", real)
+    monkeypatch.undo()
     scored = {"n": 0}
     real_scores = feedback.loglik_scores
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import base_config
+from conftest import base_config, narrow_student
 
 QUIET = {"generate": False, "speed_prompts": 0}
 
@@ -39,6 +39,18 @@ def _launch(cfg: dict, path, nproc: int, cpu_flag: bool = True) -> subprocess.Co
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
+def _one_vs_two(tiny, tmp_path, steps: int, **common):
+    """The same run as one process accumulating two micro-batches and as two processes; both dirs."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    cfg1 = base_config(tiny, one, train={"max_steps": steps, "batch_size": 4, "gradient_accumulation_steps": 2},
+                       **common)
+    cfg2 = base_config(tiny, two, train={"max_steps": steps, "batch_size": 4}, **common)
+    for cfg, path, n in ((cfg1, tmp_path / "one.yaml", 1), (cfg2, tmp_path / "two.yaml", 2)):
+        r = _launch(cfg, path, n)
+        assert r.returncode == 0, r.stderr[-2000:]
+    return one, two
+
+
 def _losses(out):
     return [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -46,16 +58,7 @@ def _losses(out):
 def test_two_processes_train_like_one_with_accumulation(tiny, tmp_path):
     from safetensors.torch import load_file
 
-    one, two = tmp_path / "one", tmp_path / "two"
-    common = dict(eval=QUIET, data={"max_eval_rows": 4})
-    cfg1 = base_config(tiny, one, train={"max_steps": 3, "batch_size": 4, "gradient_accumulation_steps": 2,
-                                          "num_threads": 1}, **common)
-    cfg2 = base_config(tiny, two, train={"max_steps": 3, "batch_size": 4, "gradient_accumulation_steps": 1,
-                                          "num_threads": 1}, **common)
-    r1 = _launch(cfg1, tmp_path / "one.yaml", 1)
-    assert r1.returncode == 0, r1.stderr[-2000:]
-    r2 = _launch(cfg2, tmp_path / "two.yaml", 2)
-    assert r2.returncode == 0, r2.stderr[-2000:]
+    one, two = _one_vs_two(tiny, tmp_path, 3, eval=QUIET, data={"max_eval_rows": 4})
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
     w1, w2 = load_file(one / "student" / "model.safetensors"), load_file(two / "student" / "model.safetensors")
     for k in w1:
@@ -75,14 +78,8 @@ def test_processes_that_accelerate_does_not_join_are_refused(tiny, tmp_path):
 
 def test_on_policy_greedy_two_processes_equal_one(tiny, tmp_path):
     """Student-sampled batches (greedy): each process samples its own micro-batch's prompts."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    common = dict(method="on_policy", on_policy={"lambda": 1.0, "temperature": 0.0, "max_new_tokens": 5},
-                  eval=QUIET, data={"max_eval_rows": 4})
-    cfg1 = base_config(tiny, one, train={"max_steps": 2, "batch_size": 4, "gradient_accumulation_steps": 2}, **common)
-    cfg2 = base_config(tiny, two, train={"max_steps": 2, "batch_size": 4}, **common)
-    for cfg, path, n in ((cfg1, tmp_path / "one.yaml", 1), (cfg2, tmp_path / "two.yaml", 2)):
-        r = _launch(cfg, path, n)
-        assert r.returncode == 0, r.stderr[-2000:]
+    one, two = _one_vs_two(tiny, tmp_path, 2, method="on_policy", eval=QUIET, data={"max_eval_rows": 4},
+                           on_policy={"lambda": 1.0, "temperature": 0.0, "max_new_tokens": 5})
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
     rows = [json.loads(l) for l in (two / "metrics.jsonl").read_text().splitlines()]
     assert [r["on_policy"] for r in rows] == [1.0, 1.0]
@@ -127,22 +124,8 @@ def test_self_distill_and_zephyr_share_their_stages_across_processes(tiny, tmp_p
 def test_feature_adapters_train_alike_under_two_processes(tiny, tmp_path):
     """Adapters live beside the student (outside its forward): their gradients are still averaged
     across processes, so two processes equal one accumulating."""
-    from conftest import make_llama
-    from kdistill.models import load_model
-
-    narrow = make_llama(400, layers=2, seed=3, hidden=32)
-    _, tok = load_model(str(tiny / "teacher"))
-    narrow.resize_token_embeddings(len(tok))
-    narrow.save_pretrained(tmp_path / "narrow")
-    tok.save_pretrained(tmp_path / "narrow")
-    one, two = tmp_path / "one", tmp_path / "two"
-    common = dict(student={"model": str(tmp_path / "narrow"), "init": None}, features={"weight": 1.0},
-                  eval=QUIET, data={"max_eval_rows": 4})
-    cfg1 = base_config(tiny, one, train={"max_steps": 3, "batch_size": 4, "gradient_accumulation_steps": 2}, **common)
-    cfg2 = base_config(tiny, two, train={"max_steps": 3, "batch_size": 4}, **common)
-    for cfg, path, n in ((cfg1, tmp_path / "one.yaml", 1), (cfg2, tmp_path / "two.yaml", 2)):
-        r = _launch(cfg, path, n)
-        assert r.returncode == 0, r.stderr[-2000:]
+    one, two = _one_vs_two(tiny, tmp_path, 3, eval=QUIET, data={"max_eval_rows": 4}, features={"weight": 1.0},
+                           student={"model": str(narrow_student(tiny, tmp_path / "narrow")), "init": None})
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
     feats = [json.loads(l)["feature_loss"] for l in (two / "metrics.jsonl").read_text().splitlines()]
     assert len(feats) == 3 and feats[-1] != feats[0]

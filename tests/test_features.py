@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import base_config, make_llama
+from conftest import base_config, narrow_student
 from kdistill.cli import main
 from kdistill.config import load_config
 from kdistill.features import FeatureAdapters, feature_loss, layer_map
@@ -78,13 +78,8 @@ def test_feature_term_adds_to_the_logit_loss_and_falls(tiny, tmp_path, fused):
 def test_narrower_student_trains_adapters_that_are_not_saved(tiny, tmp_path):
     """A student of another width (same tokenizer): adapters are trained, checkpointed, and left
     out of the saved student, which reloads as a plain model."""
-    narrow = make_llama(400, layers=2, seed=3, hidden=32)
-    _, tok = load_model(str(tiny / "teacher"))
-    narrow.resize_token_embeddings(len(tok))
-    narrow.save_pretrained(tmp_path / "narrow")
-    tok.save_pretrained(tmp_path / "narrow")
     out = tmp_path / "run"
-    cfg = base_config(tiny, out, student={"model": str(tmp_path / "narrow"), "init": None},
+    cfg = base_config(tiny, out, student={"model": str(narrow_student(tiny, tmp_path / "narrow")), "init": None},
                       features={"weight": 1.0, "layers": [[0, 1], [1, 3]]}, eval=QUIET, data={"max_eval_rows": 4},
                       train={"max_steps": 3})
     rep = run(load_config(base=cfg), progress=False)

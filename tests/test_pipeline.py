@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import base_config
+from conftest import Crash, base_config, crash_at_loss
 from kdistill.cli import main
 from kdistill.config import load_config
 from kdistill.pipeline import run
@@ -56,13 +56,8 @@ def test_saved_student_reloads_with_transformers(tiny, tmp_path):
     assert model(ids).logits.shape[-1] == len(tok)
 
 
-class Boom(RuntimeError):
-    pass
-
-
 def test_resume_after_crash_matches_uninterrupted(tiny, tmp_path, monkeypatch):
     """Crash at step 5 (checkpoint at 3), rerun: continues at step 4 and ends where a clean run ends."""
-    from kdistill.methods import logit
 
     quiet = {"generate": False, "speed_prompts": 0}
     clean = tmp_path / "clean"
@@ -70,20 +65,11 @@ def test_resume_after_crash_matches_uninterrupted(tiny, tmp_path, monkeypatch):
 
     crashed = tmp_path / "crashed"
     cfg = load_config(base=base_config(tiny, crashed, train={"max_steps": 6, "save_every": 3}, eval=quiet))
-    real = logit.LogitMethod.loss
-    calls = {"n": 0}
-
-    def flaky(self, model, batch, num_items):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise Boom("simulated crash")
-        return real(self, model, batch, num_items)
-
-    monkeypatch.setattr(logit.LogitMethod, "loss", flaky)
-    with pytest.raises(Boom):
+    crash_at_loss(monkeypatch, 5)
+    with pytest.raises(Crash):
         run(cfg, progress=False)
     assert [r["step"] for r in _metrics(crashed)] == [1, 2, 3, 4]
-    monkeypatch.setattr(logit.LogitMethod, "loss", real)
+    monkeypatch.undo()
     rep = run(cfg, progress=False)
     assert rep["training"]["resumed_from"] == 3
     a, b = _metrics(clean), _metrics(crashed)
