@@ -494,3 +494,28 @@ def test_topk_teacher_equal_to_student_gives_zero_at_any_temperature(divergence,
     assert abs(float(fused)) < 1e-5
     if divergence != "tvd":
         assert h.grad.abs().max() < 1e-4
+
+
+def test_autocast_and_mixed_dtypes_inputs():
+    """Hidden states from a bf16 autocast forward with an fp32 output layer (a mixed-precision run):
+    the fused loss and the chunked label log-probs run, and agree with float32 inputs to bf16 accuracy."""
+    from kdistill.losses import fused_distill_loss, label_logprobs
+
+    torch.manual_seed(0)
+    h0 = torch.randn(2, 6, 16)
+    w = torch.randn(50, 16, requires_grad=True)
+    tw = torch.randn(50, 16)
+    th = torch.randn(2, 6, 16)
+    labels = torch.randint(0, 50, (2, 6))
+    labels[0, :2] = -100
+    ref_lp = label_logprobs(h0, w, labels, 4)
+    ref_kd = fused_distill_loss(h0, w, th, tw, labels, chunk_size=4)
+    lin = torch.nn.Identity()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = torch.nn.functional.linear(lin(h0), torch.eye(16))  # bf16 under autocast
+        assert h.dtype == torch.bfloat16
+        lp = label_logprobs(h, w, labels, 4)
+        kd = fused_distill_loss(h, w, th.bfloat16(), tw, labels, chunk_size=4)
+    (lp.sum() + kd).backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
+    assert torch.allclose(lp, ref_lp, atol=0.1) and abs(float(kd) - float(ref_kd)) < 0.05 * abs(float(ref_kd))

@@ -375,12 +375,12 @@ class _FusedDistill(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=s_hidden.device)
         for start in range(0, rows.numel(), chunk_size):
             sl = slice(start, start + chunk_size)
-            h = h_sel[sl]
+            h = h_sel[sl].to(s_weight.dtype)  # hidden states from an autocast forward may be narrower
             ls, ce_logp = _student_log_probs(h @ s_weight.t(), spec, finite=False)
             if t_idx is not None:
                 teacher = TopK(t_idx[sl], t_logp[sl])
             else:
-                teacher = _teacher_log_probs(t_hidden[sl] @ t_weight.t(), spec.temperature, finite=False)
+                teacher = _teacher_log_probs(t_hidden[sl].to(t_weight.dtype) @ t_weight.t(), spec.temperature, finite=False)
             loss, g = _token_losses(ls, ce_logp, teacher, lab_sel[sl], spec, grad=need_h or need_w)
             del ls, ce_logp, teacher
             total += loss.sum()
@@ -478,12 +478,17 @@ class _LabelLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_size):
+        with torch.autocast(hidden.device.type, enabled=False):  # the backward recomputes in the same dtype
+            return _LabelLogprobs._forward(ctx, hidden, weight, labels, chunk_size)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, labels, chunk_size):
         rows = (labels != IGNORE_INDEX).nonzero().squeeze(-1)
         out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
         for start in range(0, rows.numel(), chunk_size):
             r = rows[start : start + chunk_size]
-            logits = (hidden.index_select(0, r) @ weight.t()).float()
+            logits = (hidden.index_select(0, r).to(weight.dtype) @ weight.t()).float()
             lse[start : start + r.numel()] = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, labels.index_select(0, r).unsqueeze(1)).squeeze(1)
             out.index_copy_(0, r, picked - lse[start : start + r.numel()])
@@ -501,7 +506,7 @@ class _LabelLogprobs(torch.autograd.Function):
         g_all = grad_out.float()
         for start in range(0, rows.numel(), ctx.chunk_size):
             r = rows[start : start + ctx.chunk_size]
-            h = hidden.index_select(0, r)
+            h = hidden.index_select(0, r).to(weight.dtype)
             g = g_all.index_select(0, r)
             d = torch.exp((h @ weight.t()).float() - lse[start : start + r.numel()].unsqueeze(1))  # softmax
             d.mul_(-g.unsqueeze(1))
