@@ -129,3 +129,27 @@ def test_feature_adapters_train_alike_under_two_processes(tiny, tmp_path):
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
     feats = [json.loads(l)["feature_loss"] for l in (two / "metrics.jsonl").read_text().splitlines()]
     assert len(feats) == 3 and feats[-1] != feats[0]
+
+
+def test_accumulation_and_resume_under_two_processes(tiny, tmp_path):
+    """Two processes x 2 accumulation steps == one process x 4 (DDP no_sync on the first micro-batch);
+    and a two-process run stopped at step 2 resumes from its checkpoint to the uninterrupted result."""
+    common = dict(eval=QUIET, data={"max_eval_rows": 4})
+    one = tmp_path / "one"
+    r = _launch(base_config(tiny, one, train={"max_steps": 2, "batch_size": 2, "gradient_accumulation_steps": 4},
+                            **common), tmp_path / "one.yaml", 1)
+    assert r.returncode == 0, r.stderr[-2000:]
+    two = tmp_path / "two"
+    r = _launch(base_config(tiny, two, train={"max_steps": 2, "batch_size": 2, "gradient_accumulation_steps": 2},
+                            **common), tmp_path / "two.yaml", 2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
+
+    const = {"batch_size": 4, "lr_scheduler": "constant", "save_every": 1}
+    clean, resumed = tmp_path / "clean", tmp_path / "resumed"
+    assert _launch(base_config(tiny, clean, train={"max_steps": 4, **const}, **common), tmp_path / "c.yaml", 2).returncode == 0
+    assert _launch(base_config(tiny, resumed, train={"max_steps": 2, **const}, **common), tmp_path / "r.yaml", 2).returncode == 0
+    r = _launch(base_config(tiny, resumed, train={"max_steps": 4, **const}, **common), tmp_path / "r.yaml", 2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((resumed / "report.json").read_text())["training"]["resumed_from"] == 2
+    assert _losses(resumed) == pytest.approx(_losses(clean), rel=1e-5)
