@@ -411,7 +411,9 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
         gc.collect()
         say("teacher model freed for training (signal from the cache); it is reloaded for the final evaluation")
 
-    say(f"training ({cfg.method}, {cfg.loss.divergence}, T={cfg.loss.temperature}, alpha={cfg.loss.alpha}) on {len(feats)} rows")
+    loss_desc = (f", {cfg.loss.divergence}, T={cfg.loss.temperature}, alpha={cfg.loss.alpha}"
+                 if cfg.method in ("logit", "on_policy", "progressive") else "")
+    say(f"training ({cfg.method}{loss_desc}) on {len(feats)} rows")
     from kdistill.stages import StageRunner
 
     main = acc.is_main_process  # several processes: one speaks
