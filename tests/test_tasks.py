@@ -98,3 +98,14 @@ def test_cache_teacher_covers_every_task(tiny, tmp_path):
     ids = set(TopKCache(tmp_path / "cache").index())
     assert any(i.startswith("qa/") for i in ids) and any(i.startswith("ex/") for i in ids)
     assert json.loads((tmp_path / "cache" / "teacher_eval.json").read_text())["rows"] > 0
+
+
+def test_sequence_method_reports_per_task(tiny, tmp_path):
+    qa = write_jsonl(tmp_path / "qa.jsonl", make_rows(30, 41))
+    ex = write_jsonl(tmp_path / "ex.jsonl", make_rows(30, 42))
+    cfg = base_config(tiny, tmp_path / "seq", method="sequence", eval=QUIET, train={"max_steps": 2},
+                      student={"model": str(tiny / "student"), "init": None})
+    cfg["data"] = {"tasks": [{"name": "qa", "train": str(qa)}, {"name": "ex", "train": str(ex)}], "max_length": 64}
+    rep = run(load_config(base=cfg), progress=False)
+    assert set(rep["tasks"]) == {"qa", "ex"}
+    assert all("accuracy" in v["student"] and "accuracy" in v["retention"] for v in rep["tasks"].values())

@@ -254,6 +254,17 @@ def _headline(rep: dict) -> str:
     return ""
 
 
+def task_table(teacher_ev: dict, initial_ev: Optional[dict], final_ev: dict) -> dict:
+    """Per task: teacher, initial and trained student metrics, and retention (from ``by_task`` results)."""
+    t_tasks = teacher_ev.get("tasks") or {}
+    i_tasks = (initial_ev or {}).get("tasks") or {}
+    return {
+        name: {"teacher": t_tasks.get(name, {}), **({"student_initial": i_tasks.get(name, {})} if initial_ev else {}),
+               "student": metrics, "retention": retention(metrics, t_tasks.get(name, {}))}
+        for name, metrics in (final_ev.get("tasks") or {}).items()
+    }
+
+
 def build_report(cfg: Config, m: Models, teacher_ev: dict, initial_ev: Optional[dict], final_ev: dict,
                  eval_rows: list[Example], speed: dict, training: Optional[dict], method_summary: Optional[dict]) -> dict:
     rep: dict = {
@@ -269,13 +280,7 @@ def build_report(cfg: Config, m: Models, teacher_ev: dict, initial_ev: Optional[
         rep["student_initial"] = {"params": rep["student"]["params"], "metrics": initial_ev["metrics"]}
     rep["retention"] = retention(final_ev["metrics"], teacher_ev["metrics"])
     if final_ev.get("tasks"):
-        rep["tasks"] = {
-            name: {"teacher": (teacher_ev.get("tasks") or {}).get(name, {}),
-                   **({"student_initial": (initial_ev.get("tasks") or {}).get(name, {})} if initial_ev else {}),
-                   "student": metrics,
-                   "retention": retention(metrics, (teacher_ev.get("tasks") or {}).get(name, {}))}
-            for name, metrics in final_ev["tasks"].items()
-        }
+        rep["tasks"] = task_table(teacher_ev, initial_ev, final_ev)
     rep["speed"] = speed
     if training:
         rep["training"] = training

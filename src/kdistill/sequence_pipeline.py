@@ -31,7 +31,7 @@ import torch
 from kdistill.config import Config, check_paths, dump_config
 from kdistill.data import Example, Renderer, collate, encode_examples, load_examples, split_examples
 from kdistill.errors import ConfigError, DataError
-from kdistill.evaluate import logit_metrics, matches, measure_speed, retention, task_accuracy
+from kdistill.evaluate import by_task, logit_metrics, matches, measure_speed, retention, task_accuracy
 from kdistill.pipeline import _cached, start_run
 from kdistill.models import (
     count_params,
@@ -245,12 +245,14 @@ def run_sequence(cfg: Config, say: Callable[[str], None] = log.info, progress: b
     say(f"evaluating on {len(eval_rows)} held-out rows")
     if t_model is not None:
         if same_vocab:
-            t_ev = _cached(out / "eval_teacher.json", lambda: _metrics(t_model, t_tok, cfg, eval_rows, eval_feats,
-                                                                       vocab=vocab, device=device))
-            t_ev["metrics"].update(kl_to_teacher=0.0, top1_agreement=1.0)
+            t_ev = _cached(out / "eval_teacher.json", lambda: by_task(eval_rows, eval_feats, lambda r, f: _metrics(
+                t_model, t_tok, cfg, r, f, vocab=vocab, device=device)))
+            for m_ in [t_ev["metrics"], *(t_ev.get("tasks") or {}).values()]:
+                m_.update(kl_to_teacher=0.0, top1_agreement=1.0)
         else:
             t_feats, _ = encode_examples(_renderer(cfg, t_tok), eval_rows)
-            t_ev = _cached(out / "eval_teacher.json", lambda: _metrics(t_model, t_tok, cfg, eval_rows, t_feats, device=device))
+            t_ev = _cached(out / "eval_teacher.json", lambda: by_task(eval_rows, t_feats, lambda r, f: _metrics(
+                t_model, t_tok, cfg, r, f, device=device)))
             unavailable["kl_to_teacher"] = unavailable["top1_agreement"] = \
                 "teacher and student tokenizers differ (no token-level comparison)"
             unavailable["perplexity"] = "per-token perplexities under different tokenizers are not comparable " \
@@ -277,9 +279,9 @@ def run_sequence(cfg: Config, say: Callable[[str], None] = log.info, progress: b
             unavailable[k] = "no teacher is available at train time (teacher-written data only)"
     cmp_teacher = t_model if same_vocab else None
 
-    def student_eval(model):
-        return _metrics(model, s_tok, cfg, s_gen_rows, eval_feats, teacher=cmp_teacher, vocab=vocab, device=device,
-                        gen_rows=s_gen_rows)
+    def student_eval(model):  # per task too with data.tasks (ids and task tags survive the prefix)
+        return by_task(s_gen_rows, eval_feats, lambda r, f: _metrics(model, s_tok, cfg, r, f, teacher=cmp_teacher,
+                                                                     vocab=vocab, device=device, gen_rows=r))
 
     initial_ev = None
     training = None
@@ -334,6 +336,10 @@ def run_sequence(cfg: Config, say: Callable[[str], None] = log.info, progress: b
     if initial_ev is not None:
         rep["student_initial"] = {"params": rep["student"]["params"], "metrics": initial_ev["metrics"]}
     rep["retention"] = ret
+    if final_ev.get("tasks"):
+        from kdistill.pipeline import task_table
+
+        rep["tasks"] = task_table(t_ev, initial_ev, final_ev)
     rep["unavailable"] = unavailable
     rep["speed"] = speed
     if training:
