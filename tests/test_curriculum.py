@@ -95,3 +95,10 @@ def test_teacher_loss_needs_a_live_teacher(tiny, tmp_path):
 
     with pytest.raises(ConfigError, match="curriculum.by: teacher_loss needs a live teacher"):
         difficulty(CurriculumConfig(by="teacher_loss"), [{"id": "a", "labels": [1]}], tmp_path, teacher=None)
+
+
+def test_curriculum_with_a_multi_pass_method_is_refused():
+    from kdistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="curriculum: applies to the single-pass methods"):
+        load_config(base={"output_dir": "x", "method": "zephyr", "curriculum": {"by": "length"}})

@@ -522,6 +522,9 @@ class Config(Section):
                 self.loss.divergence = "jsd"
             if "alpha" not in self.loss.model_fields_set:
                 self.loss.alpha = 1.0
+        if self.curriculum.by != "none" and self.method not in ("logit", "on_policy", "sequence"):
+            raise ValueError(f"curriculum: applies to the single-pass methods (logit, on_policy, sequence); method "
+                             f"{self.method} builds its own training data per stage")
         if self.method == "progressive" and not self.progressive.layers:
             raise ValueError("method progressive: set progressive.layers (the student sizes after stage 0, e.g. [12, 8])")
         if self.method == "dpo" and self.dpo.pairs is None:
