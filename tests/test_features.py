@@ -109,3 +109,10 @@ def test_bad_layer_pairs_are_one_line_errors(tiny, tmp_path, capsys):
     assert main(["run", str(tmp_path / "c.yaml"), "--no-progress"]) == 2
     err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("kdistill: error:")]
     assert len(err) == 1 and "features.layers: expected 'auto' or [[student_block, teacher_block]" in err[0]
+
+
+def test_features_with_a_method_that_ignores_them_is_refused():
+    from kdistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="features: feature distillation is a term of the logit loss"):
+        load_config(base={"output_dir": "x", "method": "sequence", "features": {"weight": 1.0}})

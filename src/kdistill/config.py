@@ -525,6 +525,9 @@ class Config(Section):
         if self.curriculum.by != "none" and self.method not in ("logit", "on_policy", "sequence"):
             raise ValueError(f"curriculum: applies to the single-pass methods (logit, on_policy, sequence); method "
                              f"{self.method} builds its own training data per stage")
+        if self.features.weight > 0 and self.method not in ("logit", "on_policy", "progressive"):
+            raise ValueError(f"features: feature distillation is a term of the logit loss (methods logit, on_policy, "
+                             f"progressive); method {self.method} does not use it")
         if self.method == "progressive" and not self.progressive.layers:
             raise ValueError("method progressive: set progressive.layers (the student sizes after stage 0, e.g. [12, 8])")
         if self.method == "dpo" and self.dpo.pairs is None:
