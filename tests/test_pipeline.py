@@ -163,13 +163,22 @@ def test_logit_metrics_chunked_equals_whole(tiny):
 
 @pytest.mark.parametrize("method", ["logit", "on_policy"])
 def test_bf16_mixed_precision_runs(tiny, tmp_path, method):
-    """train.mixed_precision: bf16 (CPU autocast here): the student trains, losses stay finite, the
-    saved weights stay float32."""
+    """train.mixed_precision: bf16 (CPU autocast here; a fresh process, as accelerate's precision is
+    fixed per process): the student trains, losses stay finite, the saved weights stay float32."""
+    import subprocess
+    import sys
+
+    import yaml
+
     out = tmp_path / method
     cfg = base_config(tiny, out, method=method, train={"max_steps": 3, "mixed_precision": "bf16"},
                       eval={"generate": False, "speed_prompts": 0}, data={"max_eval_rows": 4},
                       on_policy={"lambda": 0.5, "max_new_tokens": 4})
-    rep = run(load_config(base=cfg), progress=False)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([sys.executable, "-m", "kdistill", "run", str(tmp_path / "c.yaml"), "--no-progress"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads((out / "report.json").read_text())
     losses = [r["loss"] for r in _metrics(out)]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     assert rep["student"]["metrics"] != rep["student_initial"]["metrics"]  # it trained
