@@ -57,3 +57,16 @@ def test_progressive_config_errors(tiny, tmp_path):
     bad = _cfg(tiny, tmp_path / "y", layers=[3])
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(bad))
     assert main(["run", str(tmp_path / "c.yaml"), "--no-progress"]) == 2
+
+
+def test_frozen_embeddings_stay_frozen_in_later_stages(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    from kdistill.models import load_model
+
+    cfg = _cfg(tiny, tmp_path / "f", layers=[1])
+    cfg["student"]["freeze_embeddings"] = True
+    run(load_config(base=cfg), progress=False)
+    teacher, _ = load_model(str(tiny / "teacher"))
+    final = load_file(str(tmp_path / "f" / "student" / "model.safetensors"))
+    assert (final["model.embed_tokens.weight"] == teacher.get_input_embeddings().weight).all()

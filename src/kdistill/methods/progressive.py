@@ -58,6 +58,9 @@ class Progressive(Method):
         cut.config.kdistill_teacher_layers = [int(source[i]) for i in keep]
         for p in cut.parameters():
             p.requires_grad_(True)
+        sc = self.ctx.cfg.student
+        if sc is not None and sc.freeze_embeddings:
+            cut.get_input_embeddings().weight.requires_grad_(False)
         return cut
 
     def fit(self, student, runner):
