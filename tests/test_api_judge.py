@@ -77,3 +77,19 @@ def test_api_teacher_cannot_give_logits(tiny, server, tmp_path):
     with pytest.raises(ConfigError, match="zephyr.scorer: loglik needs the teacher's token probabilities"):
         run(load_config(base=_cfg(tiny, server, tmp_path / "z", method="zephyr", zephyr={"scorer": "loglik"})),
             progress=False)
+
+
+def test_eval_with_an_api_teacher(tiny, server, tmp_path, capsys):
+    """`kdistill eval` for a method with a text-only teacher: its accuracy from its answers, the rest
+    listed as unavailable (no traceback, no cache message)."""
+    import yaml
+
+    from kdistill.cli import main
+
+    server.responder = _responder
+    cfg = _cfg(tiny, server, tmp_path / "e", method="self_distill", self_distill={"scorer": "judge"})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["eval", str(tmp_path / "c.yaml")]) == 0
+    rep = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert "accuracy" in rep["teacher"]["metrics"] and "perplexity" in rep["unavailable"]
+    assert "cache" not in capsys.readouterr().err

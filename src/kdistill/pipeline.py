@@ -232,6 +232,34 @@ def cached_teacher_eval(cfg: Config, eval_rows: list[Example], say: Callable[[st
     return {"metrics": {}, "outputs": []}
 
 
+def teacher_eval_without_model(cfg: Config, eval_rows: list[Example], out: Path, acc, text_teacher: bool,
+                               say: Callable[[str], None]) -> dict:
+    """The teacher's held-out figures when no teacher model is loaded: an API teacher's accuracy from
+    its greedy answers (cached in ``eval_teacher_answers.jsonl``), or what ``cache-teacher`` stored."""
+    if text_teacher:
+        from kdistill.sequence_pipeline import _api_accuracy
+
+        with acc.main_process_first():  # answers are cached: asked once
+            api_m, api_out = _api_accuracy(cfg, eval_rows, out)
+        return {"metrics": {"accuracy": round(api_m["accuracy"], 6)} if api_m else {}, "outputs": api_out}
+    return cached_teacher_eval(cfg, eval_rows, say)
+
+
+def mark_unavailable(rep: dict, m: Models, teacher_ev: dict, text_teacher: bool) -> None:
+    """List in the report what could not be measured without a teacher model, and why."""
+    if text_teacher:
+        why = "the teacher is an API (text only: no token probabilities)"
+        rep.setdefault("unavailable", {}).update({"perplexity": why, "kl_to_teacher": why, "top1_agreement": why})
+        for k in ("perplexity", "kl_to_teacher", "top1_agreement"):
+            rep["retention"].pop(k, None)
+    elif m.teacher is None:
+        why = "trained from an offline teacher cache without teacher.model"
+        rep.setdefault("unavailable", {}).update({"kl_to_teacher": why, "top1_agreement": why})
+        if not teacher_ev["metrics"]:
+            why += " (and the cache holds no teacher figures for these held-out rows)"
+            rep["unavailable"].update({"teacher metrics": why, "retention": why})
+
+
 def _cached(path: Path, fn: Callable[[], dict]) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
@@ -394,14 +422,9 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
     from kdistill.teachers.api import ApiTextTeacher
 
     text_teacher = isinstance(teacher, ApiTextTeacher)
-    if text_teacher:  # an API teacher: its greedy answers to the held-out rows (cached on disk)
-        from kdistill.sequence_pipeline import _api_accuracy
-
-        with acc.main_process_first():
-            api_m, api_out = _api_accuracy(cfg, eval_rows, out)
-        teacher_ev = {"metrics": {"accuracy": round(api_m["accuracy"], 6)} if api_m else {}, "outputs": api_out}
-    elif m.teacher is None:  # trained from a cache only: the figures cache-teacher measured, if any
-        teacher_ev = cached_teacher_eval(cfg, eval_rows, say if acc.is_main_process else (lambda _: None))
+    if m.teacher is None:  # an API teacher, or a cache
+        teacher_ev = teacher_eval_without_model(cfg, eval_rows, out, acc, text_teacher,
+                                                say if acc.is_main_process else (lambda _: None))
     else:
         teacher_ev = _cached(out / "eval_teacher.json",
                              lambda: model_metrics(m.teacher, m, cfg, eval_renderer, eval_rows, eval_feats, False, device))
@@ -465,17 +488,7 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
     rep = build_report(cfg, m, teacher_ev, initial_ev, final_ev, eval_rows, speed, training, method.summary())
     if mixture:
         rep["data_mixture"] = mixture
-    if text_teacher:
-        why = "the teacher is an API (text only: no token probabilities)"
-        rep.setdefault("unavailable", {}).update({"perplexity": why, "kl_to_teacher": why, "top1_agreement": why})
-        for k in ("perplexity", "kl_to_teacher", "top1_agreement"):
-            rep["retention"].pop(k, None)
-    elif m.teacher is None:
-        why = "trained from an offline teacher cache without teacher.model"
-        rep.setdefault("unavailable", {}).update({"kl_to_teacher": why, "top1_agreement": why})
-        if not teacher_ev["metrics"]:
-            why += " (and the cache holds no teacher figures for these held-out rows)"
-            rep["unavailable"].update({"teacher metrics": why, "retention": why})
+    mark_unavailable(rep, m, teacher_ev, text_teacher)
     if acc.is_main_process:
         sdir = out / "student"
         student.save_pretrained(str(sdir))
@@ -501,13 +514,20 @@ def evaluate_only(cfg: Config, say: Callable[[str], None] = log.info) -> dict:
     renderer = _renderer(cfg, m.tokenizer)
     eval_feats, _ = encode_examples(renderer, eval_rows)
     say(f"evaluating {'teacher and ' if m.teacher is not None else ''}student on {len(eval_rows)} held-out rows")
-    if m.teacher is None:  # the teacher is only a cache
-        teacher_ev = cached_teacher_eval(cfg, eval_rows, say)
+    text_teacher = False
+    if m.teacher is None:  # the teacher is only an API or a cache
+        from accelerate import PartialState
+
+        from kdistill.teachers.build import TEXT_TEACHER_METHODS, api_text_only
+
+        text_teacher = api_text_only(cfg) and cfg.method in TEXT_TEACHER_METHODS
+        teacher_ev = teacher_eval_without_model(cfg, eval_rows, out, PartialState(), text_teacher, say)
     else:
         m.teacher.to(device)
         teacher_ev = model_metrics(m.teacher, m, cfg, renderer, eval_rows, eval_feats, False, device)
     student_ev = model_metrics(m.student, m, cfg, renderer, eval_rows, eval_feats, True, device)
     speed = _speed(m, renderer, eval_rows, cfg, device)
     rep = build_report(cfg, m, teacher_ev, None, student_ev, eval_rows, speed, None, None)
+    mark_unavailable(rep, m, teacher_ev, text_teacher)
     write_report(rep, cfg, out)
     return rep
