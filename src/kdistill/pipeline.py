@@ -48,13 +48,14 @@ class Models:
 
 
 def load_data(cfg: Config, require_train: bool = True, require_response: bool = True,
-              mixture: Optional[dict] = None) -> tuple[list[Example], list[Example]]:
+              mixture: Optional[dict] = None, train_path: Optional[str] = None) -> tuple[list[Example], list[Example]]:
     """Training rows and held-out rows (``data.eval``, or a deterministic split of ``data.train``).
 
     ``require_response=False``: prompt-only rows are accepted (methods that write their own answers).
     With ``data.tasks``: every task's rows (ids ``task/ID``, ``extra["task"]``), held out per task
     (at most ``data.max_eval_rows`` each), the training rows mixed by the tasks' weights
     (:func:`kdistill.data.mix_tasks`); ``mixture`` (a dict) receives the per-task counts.
+    ``train_path`` replaces ``data.train`` (e.g. the teacher's answers just generated).
     """
     if cfg.data.tasks is not None:
         train, held = [], []
@@ -73,10 +74,12 @@ def load_data(cfg: Config, require_train: bool = True, require_response: bool = 
             mixture.update(stats)
         return train, held
     train: list[Example] = []
-    if cfg.data.train is not None:
-        train = load_examples(cfg.data.train, require_response=require_response)
+    train_path = train_path or cfg.data.train
+    if train_path is not None:
+        train = load_examples(train_path, require_response=require_response)
     elif require_train:
-        raise ConfigError("data.train: required key is missing")
+        raise ConfigError("data.train: required key is missing (a JSONL file of prompt/response rows; for method "
+                          "sequence, teacher-written rows from `kdistill generate`, or a generate: section)")
     if cfg.data.eval is not None:
         held = load_examples(cfg.data.eval, require_response=require_response)
     elif train:
@@ -88,6 +91,37 @@ def load_data(cfg: Config, require_train: bool = True, require_response: bool = 
 
 def _renderer(cfg: Config, tokenizer) -> Renderer:
     return Renderer(tokenizer, cfg.data.max_length, cfg.data.system_prompt, cfg.data.chat_template)
+
+
+def cut_from_teacher(cfg: Config, teacher, tok, train_rows: list[Example], output_dir: Path,
+                     say: Callable[[str], None] = log.info) -> tuple[Any, list[int], str]:
+    """``student.init``: the student cut from ``teacher`` -> ``(student, kept layers, name)``.
+
+    The kept layers are saved in ``output_dir/student_layers.json`` on first use, so a resumed run
+    keeps the layers it chose first (importance scores can shift once training data changes).
+    """
+    init = cfg.student.init
+    n_total = num_layers(teacher)
+    saved = output_dir / "student_layers.json"
+    if saved.is_file():
+        layers = json.loads(saved.read_text())["layers"]
+    else:
+        scores = None
+        if init.layer_selection == "importance":
+            if not train_rows:
+                raise ConfigError("student.init.layer_selection: importance needs data.train rows to score layers")
+            scores = _importance(teacher, tok, cfg, train_rows[: init.importance_samples])
+        n_keep = init.num_layers if init.num_layers is not None else max(1, n_total // 2)
+        layers = select_layers(n_total, n_keep, init.layer_selection, scores)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps({"layers": layers, "importance": scores}))
+    student = cut_student(teacher, layers)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    if cfg.student.dtype not in ("auto", "float32"):
+        student.to(getattr(torch, cfg.student.dtype))
+    say(f"student cut from the teacher: {len(layers)} of {n_total} layers {layers}")
+    return student, layers, f"{display_name(cfg.teacher.model or 'teacher')} [layers {_ranges(layers)}]"
 
 
 def load_models(cfg: Config, train_rows: list[Example], output_dir: Path, say: Callable[[str], None] = log.info) -> Models:
@@ -113,27 +147,8 @@ def load_models(cfg: Config, train_rows: list[Example], output_dir: Path, say: C
         )
         student_name = cfg.student.model
     else:
-        init = cfg.student.init
-        n_total = num_layers(teacher)
-        saved = output_dir / "student_layers.json"
-        if saved.is_file():  # a resumed run keeps the layers it chose first
-            layers = json.loads(saved.read_text())["layers"]
-        else:
-            scores = None
-            if init.layer_selection == "importance":
-                if not train_rows:
-                    raise ConfigError("student.init.layer_selection: importance needs data.train rows to score layers")
-                scores = _importance(teacher, tok, cfg, train_rows[: init.importance_samples])
-            n_keep = init.num_layers if init.num_layers is not None else max(1, n_total // 2)
-            layers = select_layers(n_total, n_keep, init.layer_selection, scores)
-            output_dir.mkdir(parents=True, exist_ok=True)
-            saved.write_text(json.dumps({"layers": layers, "importance": scores}))
-        student = cut_student(teacher, layers)
-        if cfg.student.dtype not in ("auto", "float32"):
-            student.to(getattr(torch, cfg.student.dtype))
+        student, layers, student_name = cut_from_teacher(cfg, teacher, tok, train_rows, output_dir, say)
         s_tok = tok
-        student_name = f"{display_name(tc.model)} [layers {_ranges(layers)}]"
-        say(f"student cut from the teacher: {len(layers)} of {n_total} layers {layers}")
     vocab = check_vocab(tok, s_tok, teacher, student)
     if cfg.student.freeze_embeddings:
         student.get_input_embeddings().weight.requires_grad_(False)

@@ -26,28 +26,20 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import torch
 
 from kdistill.config import Config, check_paths, dump_config
-from kdistill.data import Example, Renderer, collate, encode_examples, load_examples, split_examples
+from kdistill.data import Example, collate, encode_examples
 from kdistill.errors import ConfigError, DataError
 from kdistill.evaluate import by_task, logit_metrics, matches, measure_speed, retention, task_accuracy
-from kdistill.pipeline import _cached, start_run
+from kdistill.pipeline import _cached, _renderer, cut_from_teacher, load_data, start_run
 from kdistill.models import (
     count_params,
-    cut_student,
     load_model,
-    num_layers,
     output_vocab_size,
-    select_layers,
     tokenizer_fingerprint,
 )
 
 log = logging.getLogger("kdistill")
-
-
-def _renderer(cfg: Config, tok) -> Renderer:
-    return Renderer(tok, cfg.data.max_length, cfg.data.system_prompt, cfg.data.chat_template)
 
 
 def _load_teacher(cfg: Config, say) -> Optional[tuple]:
@@ -70,51 +62,8 @@ def _load_student(cfg: Config, local: Optional[tuple], train_rows: list[Example]
         raise ConfigError("student.init: cutting a student needs a local teacher.model; with an API-only teacher "
                           "give student.model")
     teacher, tok = local
-    init = sc.init
-    n_total = num_layers(teacher)
-    saved = out / "student_layers.json"
-    if saved.is_file():
-        layers = json.loads(saved.read_text())["layers"]
-    else:
-        scores = None
-        if init.layer_selection == "importance":
-            from kdistill.models import layer_importance
-
-            r = _renderer(cfg, tok)
-            feats = [r.encode(e) for e in train_rows[: init.importance_samples]]
-            if not feats:
-                raise ConfigError("student.init.layer_selection: importance needs training rows to score layers")
-            scores = layer_importance(teacher, [collate(feats[i : i + 8], tok.pad_token_id) for i in range(0, len(feats), 8)])
-        n_keep = init.num_layers if init.num_layers is not None else max(1, n_total // 2)
-        layers = select_layers(n_total, n_keep, init.layer_selection, scores)
-        saved.write_text(json.dumps({"layers": layers, "importance": scores}))
-    student = cut_student(teacher, layers)
-    for p in student.parameters():
-        p.requires_grad_(True)
-    if sc.dtype not in ("auto", "float32"):
-        student.to(getattr(torch, sc.dtype))
-    say(f"student cut from the teacher: {len(layers)} of {n_total} layers {layers}")
-    return student, tok, f"{cfg.teacher.model} [layers {','.join(map(str, layers))}]", layers
-
-
-def _rows(cfg: Config, train_path: Optional[str], require_train: bool) -> tuple[list[Example], list[Example]]:
-    if cfg.data.tasks is not None:  # teacher-written rows per task
-        from kdistill.pipeline import load_data
-
-        return load_data(cfg, require_train=require_train)
-    train: list[Example] = []
-    if train_path is not None:
-        train = load_examples(train_path)
-    elif require_train:
-        raise ConfigError("data.train: required key is missing (teacher-written rows, e.g. from `kdistill generate`, "
-                          "or add a generate: section)")
-    if cfg.data.eval is not None:
-        held = load_examples(cfg.data.eval)
-    elif train:
-        train, held = split_examples(train, cfg.data.eval_fraction, cfg.train.seed)
-    else:
-        raise ConfigError("data.eval: required key is missing (or give data.train to hold out a split)")
-    return train, held[: cfg.data.max_eval_rows]
+    student, layers, name = cut_from_teacher(cfg, teacher, tok, train_rows, out, say)
+    return student, tok, name, layers
 
 
 def _api_accuracy(cfg: Config, rows: list[Example], out: Path) -> tuple[Optional[dict], list[str]]:
@@ -203,7 +152,7 @@ def run_sequence(cfg: Config, say: Callable[[str], None] = log.info, progress: b
             gen_summary = generate(cfg, say, progress and acc.is_main_process,
                                    local=local if cfg.teacher.api is None else None)
         train_path = gen_summary["output"]
-    train_rows, eval_rows = _rows(cfg, train_path, require_train=train)
+    train_rows, eval_rows = load_data(cfg, require_train=train, train_path=train_path)
 
     # 2. filters
     filter_report = None
