@@ -185,3 +185,25 @@ def test_bf16_mixed_precision_runs(tiny, tmp_path, method):
     from safetensors.torch import load_file
 
     assert all(t.dtype == torch.float32 for t in load_file(out / "student" / "model.safetensors").values())
+
+
+def test_teacher_answers_from_the_data_are_scored_not_regenerated(tiny, tmp_path, monkeypatch):
+    """eval.teacher_answers: data — the held-out responses are the teacher's own answers: its accuracy
+    is scored from them and only the students generate."""
+    from kdistill import pipeline as pl
+
+    calls = []
+    real = pl.task_accuracy
+
+    def counting(model, *a, **k):
+        calls.append(model)
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(pl, "task_accuracy", counting)
+    out = tmp_path / "run"
+    rep = run(load_config(base=base_config(tiny, out, train={"max_steps": 1},
+                                           eval={"teacher_answers": "data", "speed_prompts": 0})), progress=False)
+    rows = [json.loads(l) for l in (tiny / "eval.jsonl").read_text().splitlines()][:200]
+    want = sum(r["reference"] in r["response"].split() for r in rows) / len(rows)
+    assert rep["teacher"]["metrics"]["accuracy"] == pytest.approx(want)
+    assert len(calls) == 2  # the initial and the trained student; not the teacher

@@ -252,6 +252,10 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(32, ge=1)
     match: Literal["contains", "exact"] = Field("contains", description="how a generation is compared to 'reference'")
     generate: bool = Field(True, description="run generation for task accuracy when rows have a reference")
+    teacher_answers: Literal["generate", "data"] = Field(
+        "generate", description="data: the held-out rows' response IS the teacher's greedy answer (e.g. from "
+        "`kdistill generate` at temperature 0): score it for the teacher's accuracy instead of generating again"
+    )
     show_samples: int = Field(3, ge=0)
     speed_prompts: int = Field(4, ge=0, description="prompts used for the speed measurement (0 = skip)")
     speed_new_tokens: int = Field(32, ge=1)

@@ -195,6 +195,16 @@ def task_accuracy(
     return hits / len(rows), outputs
 
 
+def scored_answers(examples: list[Example], how: str) -> tuple[Optional[float], list[str]]:
+    """Accuracy of answers already written in the rows (``response``) against ``reference``, in the
+    same form as :func:`task_accuracy` (rows without a reference or a response are left out)."""
+    rows = [e for e in examples if e.reference is not None and e.response is not None]
+    if not rows:
+        return None, []
+    outputs = [e.response for e in rows]
+    return sum(matches(o, e.reference, how) for o, e in zip(outputs, rows)) / len(rows), outputs
+
+
 class _PeakRSS:
     """Samples this process's resident memory in a thread (CPU peak-memory measurement)."""
 

@@ -20,7 +20,7 @@ from kdistill.config import Config, check_paths, dump_config
 from kdistill.data import (Example, Renderer, collate, encode_examples, load_examples, mix_tasks, split_examples,
                            tag_task, task_of)
 from kdistill.errors import ConfigError, DataError
-from kdistill.evaluate import by_task, logit_metrics, measure_speed, retention, task_accuracy
+from kdistill.evaluate import by_task, logit_metrics, measure_speed, retention, scored_answers, task_accuracy
 from kdistill.models import (
     check_vocab,
     count_params,
@@ -198,11 +198,15 @@ def model_metrics(model, m: Models, cfg: Config, renderer: Renderer, eval_rows, 
             metrics["kl_to_teacher"] = 0.0
             metrics["top1_agreement"] = 1.0
         outputs: list[str] = []
-        if cfg.eval.generate:
+        if cfg.eval.generate and not with_teacher and cfg.eval.teacher_answers == "data":
+            acc, outputs = scored_answers(rows, cfg.eval.match)  # the teacher's own answers are in the data
+        elif cfg.eval.generate:
             acc, outputs = task_accuracy(model, m.tokenizer, renderer, rows, cfg.eval.max_new_tokens,
                                          cfg.eval.batch_size, cfg.eval.match)
-            if acc is not None:
-                metrics["accuracy"] = acc
+        else:
+            acc = None
+        if acc is not None:
+            metrics["accuracy"] = acc
         return {"metrics": {k: round(v, 6) for k, v in metrics.items()}, "outputs": outputs}
 
     return by_task(eval_rows, eval_feats, measure)
