@@ -207,3 +207,24 @@ def test_teacher_answers_from_the_data_are_scored_not_regenerated(tiny, tmp_path
     want = sum(r["reference"] in r["response"].split() for r in rows) / len(rows)
     assert rep["teacher"]["metrics"]["accuracy"] == pytest.approx(want)
     assert len(calls) == 2  # the initial and the trained student; not the teacher
+
+
+def test_periodic_eval_and_best_student_selection(tiny, tmp_path):
+    """eval.every logs eval_* rows; eval.select_best keeps the student of the best evaluation, which
+    is then the reported and saved student."""
+    out = tmp_path / "run"
+    # a learning rate far too high: the student is best early and then gets worse, so the choice matters
+    cfg = base_config(tiny, out, train={"max_steps": 6, "learning_rate": 0.3, "lr_scheduler": "constant"},
+                      eval={"generate": False, "speed_prompts": 0, "every": 2, "select_best": "kl_to_teacher"},
+                      data={"max_eval_rows": 4})
+    rep = run(load_config(base=cfg), progress=False)
+    rows = _metrics(out)
+    evals = {r["step"]: r["eval_kl_to_teacher"] for r in rows if "eval_kl_to_teacher" in r}
+    assert sorted(evals) == [2, 4, 6] and all("loss" in r for r in rows)
+    best_step = min(evals, key=evals.get)
+    assert best_step != 6  # not simply the last student
+    sel = rep["training"]["selected"]
+    assert sel["step"] == best_step and sel["value"] == evals[best_step]
+    assert rep["student"]["metrics"]["kl_to_teacher"] == pytest.approx(evals[best_step], abs=1e-6)
+    with pytest.raises(Exception, match="eval.select_best needs eval.every"):
+        load_config(base=base_config(tiny, out, eval={"select_best": "accuracy"}))

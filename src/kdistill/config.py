@@ -259,6 +259,22 @@ class EvalConfig(Section):
     show_samples: int = Field(3, ge=0)
     speed_prompts: int = Field(4, ge=0, description="prompts used for the speed measurement (0 = skip)")
     speed_new_tokens: int = Field(32, ge=1)
+    every: Optional[int] = Field(
+        None, ge=1, description="also evaluate the student on the held-out rows every N optimizer steps (logged "
+        "as eval_* in metrics.jsonl)"
+    )
+    select_best: Optional[Literal["accuracy", "perplexity", "kl_to_teacher", "top1_agreement"]] = Field(
+        None, description="with every: keep the student of the best evaluation by this metric (task-specific "
+        "model selection) instead of the last one"
+    )
+
+    @model_validator(mode="after")
+    def _check_selection(self) -> "EvalConfig":
+        if self.select_best is not None and self.every is None:
+            raise ValueError("eval.select_best needs eval.every (how often the student is evaluated)")
+        if self.select_best == "accuracy" and not self.generate:
+            raise ValueError("eval.select_best: accuracy needs eval.generate: true")
+        return self
 
 
 class GenerateConfig(Section):

@@ -251,6 +251,45 @@ def cached_teacher_eval(cfg: Config, eval_rows: list[Example], say: Callable[[st
     return {"metrics": {}, "outputs": []}
 
 
+class BestKeeper:
+    """``eval.every``: the student's held-out metrics every N steps; with ``eval.select_best``, the
+    best student so far is saved in ``OUTPUT/best/`` (and ``best.json``; a resumed run keeps it)."""
+
+    def __init__(self, cfg: Config, m: Models, renderer: Renderer, rows, feats, device, out: Path,
+                 say: Callable[[str], None]):
+        self.cfg, self.m, self.renderer, self.rows, self.feats, self.device = cfg, m, renderer, rows, feats, device
+        self.out, self.say = Path(out), say
+        self.metric = cfg.eval.select_best
+        from kdistill.trainer import _latest_checkpoint
+
+        if _latest_checkpoint(self.out / "checkpoints") is None:  # a fresh run: forget a previous run's best
+            from kdistill.feedback import on_main
+
+            on_main(lambda: (self.out / "best.json").unlink(missing_ok=True))
+
+    def best(self) -> Optional[dict]:
+        p = self.out / "best.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def __call__(self, step: int, wrapper) -> dict:
+        from kdistill.evaluate import HIGHER_IS_BETTER
+        from kdistill.feedback import on_main, save_model
+
+        student = getattr(wrapper, "model", wrapper)
+        metrics = model_metrics(student, self.m, self.cfg, self.renderer, self.rows, self.feats, True,
+                                self.device)["metrics"]
+        value = metrics.get(self.metric) if self.metric else None
+        if value is None:
+            return metrics
+        best = self.best()
+        higher = HIGHER_IS_BETTER.get(self.metric, True)
+        if best is None or (value > best["value"] if higher else value < best["value"]):
+            save_model(student, self.out / "best")
+            record = {"step": step, "metric": self.metric, "value": value}
+            on_main(lambda: (self.out / "best.json").write_text(json.dumps(record)))
+        return metrics
+
+
 def teacher_eval_without_model(cfg: Config, eval_rows: list[Example], out: Path, acc, text_teacher: bool,
                                say: Callable[[str], None]) -> dict:
     """The teacher's held-out figures when no teacher model is loaded: an API teacher's accuracy from
@@ -483,8 +522,11 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
             scores = difficulty(cfg.curriculum, feats, out, live, m.tokenizer.pad_token_id, m.vocab_size,
                                 cfg.eval.batch_size)
             curriculum = (cfg.curriculum, scores)
+        evaluator = None
+        if cfg.eval.every:
+            evaluator = (cfg.eval.every, BestKeeper(cfg, m, eval_renderer, eval_rows, eval_feats, device, out, say))
         result = train(wrapper, method, feats, lambda b: collate(b, m.tokenizer.pad_token_id), cfg.train, out,
-                       accelerator=acc, progress=progress, curriculum=curriculum)
+                       accelerator=acc, progress=progress, curriculum=curriculum, evaluator=evaluator)
         student = acc.unwrap_model(wrapper).model
         if result.resumed_from is not None:
             say(f"resumed from the checkpoint at step {result.resumed_from} of {result.steps}"
@@ -498,6 +540,15 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
             from kdistill.curriculum import describe
 
             training["curriculum"] = describe(cfg.curriculum, curriculum[1], result.steps)
+        if evaluator is not None and cfg.eval.select_best:
+            best = evaluator[1].best()
+            if best is not None:
+                from kdistill.feedback import load_saved
+
+                student = load_saved(student, out / "best")
+                say(f"selected the student of step {best['step']} ({best['metric']} {best['value']}), "
+                    f"not the last one (eval.select_best)")
+                training["selected"] = best
     m.student = student
     if freed_teacher:
         m.teacher = reload_teacher(cfg, device)

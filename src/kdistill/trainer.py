@@ -64,6 +64,7 @@ def train(
     accelerator=None,
     progress: bool = True,
     curriculum=None,
+    evaluator=None,
 ) -> TrainResult:
     """Train ``model`` (a :class:`~kdistill.methods.base.StudentLM`) in place.
 
@@ -73,6 +74,8 @@ def train(
         output_dir: where ``metrics.jsonl`` and ``checkpoints/`` go.
         curriculum: ``(config, difficulty per row)`` for an easiest-first start
             (:mod:`kdistill.curriculum`); None = shuffled epochs throughout.
+        evaluator: ``(every, fn)``: after every ``every``-th optimizer step, ``fn(step, model)``
+            returns held-out metrics, logged as ``eval_*`` rows in ``metrics.jsonl``.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -180,9 +183,14 @@ def train(
         cursor += ga * world
         tokens_seen += int(n_global)
 
-        # 3. log
+        # 3. periodic held-out evaluation (every process evaluates), then the log row
+        scores: dict = {}
+        if evaluator is not None and step % evaluator[0] == 0:
+            model.eval()
+            scores = evaluator[1](step, acc.unwrap_model(model)) or {}
+            model.train()
         loss_value = float(acc.reduce(step_loss, reduction="sum")) if world > 1 else float(step_loss)
-        if acc.is_main_process and (step % tcfg.log_every == 0 or step == total_steps):
+        if acc.is_main_process and (step % tcfg.log_every == 0 or step == total_steps or scores):
             row = {
                 "step": step,
                 "loss": round(loss_value, 6),
@@ -191,6 +199,7 @@ def train(
                 "items": int(n_global),
                 "elapsed_s": round(time.time() - t0, 2),
                 **{k: round(v, 6) for k, v in extra.items()},
+                **{f"eval_{k}": v for k, v in scores.items()},
             }
             with metrics_path.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
