@@ -17,7 +17,7 @@ import torch
 from conftest import write_jsonl
 from kdistill.cli import main
 from kdistill.config import load_config
-from kdistill.feedback import cut_at_eos, sample_completions
+from kdistill.generation import cut_at_eos, sample_completions
 from kdistill.generate import generate
 from kdistill.methods import build_method
 from kdistill.methods.base import StudentLM

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from kdistill.data import IGNORE_INDEX, Example, collate
-from kdistill.generation import cut_at_eos, eos_ids, hf_model, sample_completions  # noqa: F401 (used by the methods)
+from kdistill.generation import hf_model
 from kdistill.methods.base import model_label_logprobs
 
 DEFAULT_JUDGE_TEMPLATE = (

@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 
 from kdistill.data import collate
-from kdistill.feedback import completion_feature, eos_ids, hf_model, sample_completions
-from kdistill.generation import make_sampler
+from kdistill.feedback import completion_feature
+from kdistill.generation import eos_ids, hf_model, make_sampler, sample_completions
 from kdistill.methods import register
 from kdistill.methods.base import RunContext
 from kdistill.methods.logit import LogitMethod

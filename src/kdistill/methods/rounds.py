@@ -34,7 +34,6 @@ from kdistill.feedback import (
     DEFAULT_JUDGE_TEMPLATE,
     JsonlStore,
     completion_feature,
-    eos_ids,
     hf_model,
     judge_scores,
     load_saved,
@@ -45,7 +44,7 @@ from kdistill.feedback import (
     write_json,
     write_jsonl,
 )
-from kdistill.generation import make_sampler
+from kdistill.generation import eos_ids, make_sampler
 from kdistill.methods import register
 from kdistill.methods.base import Method, RunContext
 from kdistill.stages import combine_metrics, process_seed

@@ -38,17 +38,15 @@ from kdistill.evaluate import generate
 from kdistill.feedback import (
     JsonlStore,
     completion_feature,
-    eos_ids,
     hf_model,
     load_saved,
     mark_done,
-    sample_completions,
     save_model,
     stage_done,
     write_json,
     write_jsonl,
 )
-from kdistill.generation import make_sampler
+from kdistill.generation import eos_ids, make_sampler, sample_completions
 from kdistill.methods import register
 from kdistill.methods.base import Method, RunContext
 from kdistill.methods.dpo import dpo_stage, encode_pair
