@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 import yaml
 
 from conftest import base_config, make_rows, write_jsonl
 from fake_openai import FakeOpenAI
 from kdistill.cli import main
-from kdistill.config import FiltersConfig, JudgeConfig
+from kdistill.config import FiltersConfig, JudgeConfig, load_config
 from kdistill.data import Example
+from kdistill.errors import ConfigError
 from kdistill.filters import apply_filters, parse_score
+from kdistill.pipeline import run
 
 KEY = "sk-seq-HIDDEN-31337"
 
@@ -220,3 +223,28 @@ def test_sequence_method_takes_a_length_curriculum(tiny, tmp_path):
                       curriculum={"by": "length", "start": 0.5, "steps": 1.0})
     rep = run_sequence(load_config(base=cfg), say=lambda _: None, progress=False)
     assert rep["training"]["curriculum"]["by"] == "length" and rep["training"]["steps"] == 3
+
+
+def test_sequence_selects_the_best_student(tiny, tmp_path):
+    """eval.every / eval.select_best work for method sequence as for logit: the reported and saved
+    student is the best evaluated one, not simply the last."""
+    out = tmp_path / "run"
+    cfg = base_config(tiny, out, method="sequence", train={"max_steps": 6, "learning_rate": 0.3,
+                                                            "lr_scheduler": "constant"},
+                      eval={"generate": False, "speed_prompts": 0, "every": 2, "select_best": "perplexity"},
+                      data={"max_eval_rows": 4})
+    rep = run(load_config(base=cfg), progress=False)
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval_perplexity"] for r in rows if "eval_perplexity" in r}
+    assert sorted(evals) == [2, 4, 6]
+    best_step = min(evals, key=evals.get)
+    assert rep["training"]["selected"]["step"] == best_step
+    assert rep["student"]["metrics"]["perplexity"] == pytest.approx(evals[best_step], rel=1e-5)
+    assert (out / "best" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("method", ["zephyr", "self_distill", "progressive"])
+def test_periodic_eval_is_refused_for_multi_pass_methods(method):
+    with pytest.raises(ConfigError, match="eval.every: applies to the single-pass methods"):
+        load_config(base={"output_dir": "x", "method": method, "eval": {"every": 5},
+                          "progressive": {"layers": [2]}})

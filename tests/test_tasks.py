@@ -109,3 +109,46 @@ def test_sequence_method_reports_per_task(tiny, tmp_path):
     rep = run(load_config(base=cfg), progress=False)
     assert set(rep["tasks"]) == {"qa", "ex"}
     assert all("accuracy" in v["student"] and "perplexity" in v["retention"] for v in rep["tasks"].values())
+
+
+def test_api_teacher_accuracy_is_split_per_task(tiny, tmp_path, monkeypatch):
+    """With an API teacher and several tasks, the teacher's accuracy is measured per task (from its
+    answers), so each task has its own retention; the overall figure weighs the tasks by their rows."""
+    import re
+
+    from fake_openai import FakeOpenAI
+
+    monkeypatch.setenv("KD_TASK_KEY", "sk-task")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    qa_eval, ex_eval = make_rows(4, 51), make_rows(6, 52)
+    for r in ex_eval:
+        r["prompt"] = "extract: " + r["prompt"]
+
+    def respond(msgs):  # right on every qa row, right on only the first two extract rows
+        text = msgs[-1]["content"]
+        m = re.search(r"first name (\w+) (\w+)", text)
+        if text.startswith("extract:") and text not in {r["prompt"] for r in ex_eval[:2]}:
+            return "no idea"
+        return f"{m.group(1)} {m.group(2)}"
+
+    srv = FakeOpenAI(model="big", key="sk-task").start()
+    srv.responder = respond
+    cfg = base_config(tiny, tmp_path / "run", method="sequence", eval=QUIET, train={"max_steps": 2},
+                      student={"model": str(tiny / "student"), "init": None})
+    cfg["teacher"] = {"api": {"base_url": srv.base_url, "model": "big", "api_key_env": "KD_TASK_KEY",
+                              "max_retries": 0, "timeout": 30}}
+    cfg["data"] = {"tasks": [{"name": "qa", "train": str(write_jsonl(tmp_path / "qa.jsonl", make_rows(20, 53))),
+                              "eval": str(write_jsonl(tmp_path / "qa_eval.jsonl", qa_eval))},
+                             {"name": "ex", "train": str(write_jsonl(tmp_path / "ex.jsonl", make_rows(20, 54))),
+                              "eval": str(write_jsonl(tmp_path / "ex_eval.jsonl", ex_eval))}], "max_length": 64}
+    try:
+        rep = run(load_config(base=cfg), progress=False)
+    finally:
+        srv.stop()
+    assert rep["tasks"]["qa"]["teacher"] == {"accuracy": 1.0}
+    assert rep["tasks"]["ex"]["teacher"]["accuracy"] == pytest.approx(2 / 6, abs=1e-6)
+    assert rep["teacher"]["metrics"]["accuracy"] == pytest.approx((4 + 2) / 10, abs=1e-6)
+    for name, v in rep["tasks"].items():
+        want = v["student"]["accuracy"] / v["teacher"]["accuracy"]
+        assert v["retention"]["accuracy"] == pytest.approx(want, abs=1e-4), name
+    assert rep["retention"]["kl_to_teacher"] is None and "kl_to_teacher" in rep["unavailable"]

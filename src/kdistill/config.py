@@ -21,6 +21,7 @@ from kdistill.errors import ConfigError
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 LAYER_SELECTIONS = ("uniform", "first", "last", "first_last", "importance")
 METHODS = ("logit", "sequence", "on_policy", "on_policy_filter", "self_distill", "zephyr", "dpo", "progressive")
+SINGLE_PASS = ("logit", "on_policy", "sequence")  # one trainer pass: curriculum and eval.every apply
 
 
 class Section(BaseModel):
@@ -542,9 +543,12 @@ class Config(Section):
                 self.loss.divergence = "jsd"
             if "alpha" not in self.loss.model_fields_set:
                 self.loss.alpha = 1.0
-        if self.curriculum.by != "none" and self.method not in ("logit", "on_policy", "sequence"):
-            raise ValueError(f"curriculum: applies to the single-pass methods (logit, on_policy, sequence); method "
+        if self.curriculum.by != "none" and self.method not in SINGLE_PASS:
+            raise ValueError(f"curriculum: applies to the single-pass methods ({', '.join(SINGLE_PASS)}); method "
                              f"{self.method} builds its own training data per stage")
+        if self.eval.every is not None and self.method not in SINGLE_PASS:
+            raise ValueError(f"eval.every: applies to the single-pass methods ({', '.join(SINGLE_PASS)}); method "
+                             f"{self.method} trains in several passes and reports each pass's figures itself")
         if self.features.weight > 0 and self.method not in ("logit", "on_policy", "progressive"):
             raise ValueError(f"features: feature distillation is a term of the logit loss (methods logit, on_policy, "
                              f"progressive); method {self.method} does not use it")

@@ -20,7 +20,7 @@ from kdistill.config import Config, check_paths, dump_config
 from kdistill.data import (Example, Renderer, collate, encode_examples, load_examples, mix_tasks, split_examples,
                            tag_task, task_of)
 from kdistill.errors import ConfigError, DataError
-from kdistill.evaluate import by_task, logit_metrics, measure_speed, retention, scored_answers, task_accuracy
+from kdistill.evaluate import by_task, logit_metrics, measure_speed, scored_answers, task_accuracy
 from kdistill.models import (
     check_vocab,
     count_params,
@@ -30,7 +30,7 @@ from kdistill.models import (
     num_layers,
     select_layers,
 )
-from kdistill.report import model_card, plot, write_markdown
+from kdistill.report import build_report, model_card, write_report
 
 log = logging.getLogger("kdistill")
 
@@ -252,19 +252,17 @@ def cached_teacher_eval(cfg: Config, eval_rows: list[Example], say: Callable[[st
 
 
 class BestKeeper:
-    """``eval.every``: the student's held-out metrics every N steps; with ``eval.select_best``, the
-    best student so far is saved in ``OUTPUT/best/`` (and ``best.json``; a resumed run keeps it)."""
+    """``eval.every``: ``measure(student) -> metrics`` on the held-out rows every N steps; with
+    ``eval.select_best``, the best student so far is saved in ``OUTPUT/best/`` (and ``best.json``;
+    a resumed run keeps it). Shared by every single-pass method (the trainer's ``evaluator``)."""
 
-    def __init__(self, cfg: Config, m: Models, renderer: Renderer, rows, feats, device, out: Path,
-                 say: Callable[[str], None]):
-        self.cfg, self.m, self.renderer, self.rows, self.feats, self.device = cfg, m, renderer, rows, feats, device
-        self.out, self.say = Path(out), say
-        self.metric = cfg.eval.select_best
+    def __init__(self, cfg: Config, measure: Callable[[Any], dict], out: Path, say: Callable[[str], None]):
+        from kdistill.feedback import on_main
         from kdistill.trainer import _latest_checkpoint
 
+        self.measure, self.out, self.say = measure, Path(out), say
+        self.metric = cfg.eval.select_best
         if _latest_checkpoint(self.out / "checkpoints") is None:  # a fresh run: forget a previous run's best
-            from kdistill.feedback import on_main
-
             on_main(lambda: (self.out / "best.json").unlink(missing_ok=True))
 
     def best(self) -> Optional[dict]:
@@ -276,8 +274,7 @@ class BestKeeper:
         from kdistill.feedback import on_main, save_model
 
         student = getattr(wrapper, "model", wrapper)
-        metrics = model_metrics(student, self.m, self.cfg, self.renderer, self.rows, self.feats, True,
-                                self.device)["metrics"]
+        metrics = self.measure(student)
         value = metrics.get(self.metric) if self.metric else None
         if value is None:
             return metrics
@@ -289,33 +286,104 @@ class BestKeeper:
             on_main(lambda: (self.out / "best.json").write_text(json.dumps(record)))
         return metrics
 
+    def select(self, student, training: dict):
+        """After training: the best student (``eval.select_best``) instead of the last one, recorded in
+        ``training["selected"]``; the last student when there is no selection."""
+        best = self.best() if self.metric else None
+        if best is None:
+            return student
+        from kdistill.feedback import load_saved
+
+        self.say(f"selected the student of step {best['step']} ({best['metric']} {best['value']}), not the last one "
+                 "(eval.select_best)")
+        training["selected"] = best
+        return load_saved(student, self.out / "best")
+
+
+def api_teacher_eval(cfg: Config, rows: list[Example], out: Path) -> dict:
+    """An API teacher's held-out accuracy from its greedy answers (cached in ``eval_teacher_answers.jsonl``:
+    a rerun asks only for what is missing).
+
+    Returns ``{"metrics": {"accuracy"}, "outputs", "answered", "tasks"}`` like :func:`kdistill.evaluate.by_task`:
+    ``outputs`` follow the rows with a reference, ``tasks`` (with two or more ``data.tasks``) holds each
+    task's accuracy; rows the API did not answer are left out of the accuracy and counted in ``answered``.
+    Raises :class:`~kdistill.teachers.api.ApiError` when the API cannot be used at all.
+    """
+    from kdistill.evaluate import matches
+    from kdistill.teachers.api import ApiTeacher, Job
+
+    rows = [e for e in rows if e.reference is not None]
+    if not rows or not cfg.eval.generate:
+        return {"metrics": {}, "outputs": []}
+    path = out / "eval_teacher_answers.jsonl"
+    have: dict[str, str] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                r = json.loads(line)
+                have[r["id"]] = r["answer"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a crash: asked again
+    todo = [e for e in rows if e.id not in have]
+    if todo:
+        api = ApiTeacher(cfg.teacher.api)
+        system = [{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else []
+        jobs = [Job(e.id, system + e.messages, 0.0, cfg.eval.max_new_tokens) for e in todo]
+        with path.open("a", encoding="utf-8") as fh:
+            def keep(job, c):
+                if c.ok:
+                    have[job.key] = c.text
+                    fh.write(json.dumps({"id": job.key, "answer": c.text}) + "\n")
+                    fh.flush()
+            api.run(jobs, keep)
+
+    def accuracy(sub: list[Example]) -> dict:
+        answered = [e for e in sub if e.id in have]
+        if not answered:
+            return {}
+        return {"accuracy": round(sum(matches(have[e.id], e.reference, cfg.eval.match) for e in answered)
+                                  / len(answered), 6)}
+
+    ev = {"metrics": accuracy(rows), "outputs": [have.get(e.id, "") for e in rows],
+          "answered": sum(e.id in have for e in rows)}
+    names = list(dict.fromkeys(task_of(e) for e in rows))
+    if len(names) > 1:
+        ev["tasks"] = {t: accuracy([e for e in rows if task_of(e) == t]) for t in names}
+    return ev
+
 
 def teacher_eval_without_model(cfg: Config, eval_rows: list[Example], out: Path, acc, text_teacher: bool,
                                say: Callable[[str], None]) -> dict:
     """The teacher's held-out figures when no teacher model is loaded: an API teacher's accuracy from
-    its greedy answers (cached in ``eval_teacher_answers.jsonl``), or what ``cache-teacher`` stored."""
+    its greedy answers (:func:`api_teacher_eval`), or what ``cache-teacher`` stored."""
     if text_teacher:
-        from kdistill.sequence_pipeline import _api_accuracy
-
         with acc.main_process_first():  # answers are cached: asked once
-            api_m, api_out = _api_accuracy(cfg, eval_rows, out)
-        return {"metrics": {"accuracy": round(api_m["accuracy"], 6)} if api_m else {}, "outputs": api_out}
+            return api_teacher_eval(cfg, eval_rows, out)
     return cached_teacher_eval(cfg, eval_rows, say)
 
 
-def mark_unavailable(rep: dict, m: Models, teacher_ev: dict, text_teacher: bool) -> None:
-    """List in the report what could not be measured without a teacher model, and why."""
+def unavailable_without_model(m: Models, teacher_ev: dict, text_teacher: bool) -> dict:
+    """``{metric: why}``: what cannot be measured when no teacher model is loaded."""
     if text_teacher:
         why = "the teacher is an API (text only: no token probabilities)"
-        rep.setdefault("unavailable", {}).update({"perplexity": why, "kl_to_teacher": why, "top1_agreement": why})
-        for k in ("perplexity", "kl_to_teacher", "top1_agreement"):
-            rep["retention"].pop(k, None)
-    elif m.teacher is None:
+        return {"perplexity": why, "kl_to_teacher": why, "top1_agreement": why}
+    if m.teacher is None:
         why = "trained from an offline teacher cache without teacher.model"
-        rep.setdefault("unavailable", {}).update({"kl_to_teacher": why, "top1_agreement": why})
+        out = {"kl_to_teacher": why, "top1_agreement": why}
         if not teacher_ev["metrics"]:
             why += " (and the cache holds no teacher figures for these held-out rows)"
-            rep["unavailable"].update({"teacher metrics": why, "retention": why})
+            out.update({"teacher metrics": why, "retention": why})
+        return out
+    return {}
+
+
+def who(m: Models, teacher_ev: dict, text_teacher: bool) -> tuple[dict, dict]:
+    """The report's ``teacher`` and ``student`` descriptions (without metrics)."""
+    params = (count_params(m.teacher) if m.teacher is not None
+              else (m.extra.get("teacher_params") or teacher_ev.get("params")))
+    kind = "local" if m.teacher is not None else ("api" if text_teacher else "cache")
+    return ({"name": m.teacher_name, "params": params, "kind": kind},
+            {"name": m.student_name, "params": count_params(m.student), "teacher_layers": m.teacher_layers})
 
 
 def _cached(path: Path, fn: Callable[[], dict]) -> dict:
@@ -324,72 +392,6 @@ def _cached(path: Path, fn: Callable[[], dict]) -> dict:
     value = fn()
     path.write_text(json.dumps(value))
     return value
-
-
-def _headline(rep: dict) -> str:
-    s, t = rep["student"], rep["teacher"]
-    share = s["params"] / t["params"] if t.get("params") else float("nan")
-    ret = rep["retention"]
-    if "accuracy" in ret and ret["accuracy"] is not None:
-        return (
-            f"The student keeps {ret['accuracy']:.0%} of the teacher's held-out accuracy "
-            f"({s['metrics']['accuracy']:.1%} vs {t['metrics']['accuracy']:.1%}) with {share:.0%} of its parameters."
-        )
-    if "perplexity" in ret and ret["perplexity"] is not None:
-        return f"Perplexity retention {ret['perplexity']:.2f} (teacher/student) with {share:.0%} of the teacher's parameters."
-    return ""
-
-
-def task_table(teacher_ev: dict, initial_ev: Optional[dict], final_ev: dict) -> dict:
-    """Per task: teacher, initial and trained student metrics, and retention (from ``by_task`` results)."""
-    t_tasks = teacher_ev.get("tasks") or {}
-    i_tasks = (initial_ev or {}).get("tasks") or {}
-    return {
-        name: {"teacher": t_tasks.get(name, {}), **({"student_initial": i_tasks.get(name, {})} if initial_ev else {}),
-               "student": metrics, "retention": retention(metrics, t_tasks.get(name, {}))}
-        for name, metrics in (final_ev.get("tasks") or {}).items()
-    }
-
-
-def build_report(cfg: Config, m: Models, teacher_ev: dict, initial_ev: Optional[dict], final_ev: dict,
-                 eval_rows: list[Example], speed: dict, training: Optional[dict], method_summary: Optional[dict]) -> dict:
-    rep: dict = {
-        "method": cfg.method,
-        "teacher": {"name": m.teacher_name, "metrics": teacher_ev["metrics"],
-                    "params": count_params(m.teacher) if m.teacher is not None
-                    else (m.extra.get("teacher_params") or teacher_ev.get("params"))},
-        "student": {"name": m.student_name, "params": count_params(m.student), "metrics": final_ev["metrics"],
-                    "teacher_layers": m.teacher_layers},
-        "eval_rows": len(eval_rows),
-    }
-    if initial_ev is not None:
-        rep["student_initial"] = {"params": rep["student"]["params"], "metrics": initial_ev["metrics"]}
-    rep["retention"] = retention(final_ev["metrics"], teacher_ev["metrics"])
-    if final_ev.get("tasks"):
-        rep["tasks"] = task_table(teacher_ev, initial_ev, final_ev)
-    rep["speed"] = speed
-    if training:
-        rep["training"] = training
-    if method_summary:
-        rep["method_summary"] = method_summary
-    rows_with_out = [e for e in eval_rows if e.reference is not None]
-    samples = []
-    for i, e in enumerate(rows_with_out[: cfg.eval.show_samples]):
-        smp = {"id": e.id, "prompt": e.prompt, "reference": e.reference}
-        for key, ev in (("teacher", teacher_ev), ("student_initial", initial_ev), ("student", final_ev)):
-            if ev is not None and i < len(ev.get("outputs", [])):
-                smp[key] = ev["outputs"][i]
-        samples.append(smp)
-    rep["samples"] = samples
-    rep["headline"] = _headline(rep)
-    return rep
-
-
-def write_report(rep: dict, cfg: Config, out: Path) -> None:
-    (out / "report.json").write_text(json.dumps(rep, indent=2))
-    write_markdown(rep, out / "report.md")
-    rep["plots"] = plot(rep, out / "metrics.jsonl", out)
-    (out / "report.json").write_text(json.dumps(rep, indent=2))
 
 
 def _speed(m: Models, renderer: Renderer, eval_rows: list[Example], cfg: Config, device) -> dict:
@@ -524,7 +526,9 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
             curriculum = (cfg.curriculum, scores)
         evaluator = None
         if cfg.eval.every:
-            evaluator = (cfg.eval.every, BestKeeper(cfg, m, eval_renderer, eval_rows, eval_feats, device, out, say))
+            keeper = BestKeeper(cfg, lambda s: model_metrics(s, m, cfg, eval_renderer, eval_rows, eval_feats, True,
+                                                             device)["metrics"], out, say)
+            evaluator = (cfg.eval.every, keeper)
         result = train(wrapper, method, feats, lambda b: collate(b, m.tokenizer.pad_token_id), cfg.train, out,
                        accelerator=acc, progress=progress, curriculum=curriculum, evaluator=evaluator)
         student = acc.unwrap_model(wrapper).model
@@ -540,31 +544,25 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
             from kdistill.curriculum import describe
 
             training["curriculum"] = describe(cfg.curriculum, curriculum[1], result.steps)
-        if evaluator is not None and cfg.eval.select_best:
-            best = evaluator[1].best()
-            if best is not None:
-                from kdistill.feedback import load_saved
-
-                student = load_saved(student, out / "best")
-                say(f"selected the student of step {best['step']} ({best['metric']} {best['value']}), "
-                    f"not the last one (eval.select_best)")
-                training["selected"] = best
+        if evaluator is not None:
+            student = evaluator[1].select(student, training)
     m.student = student
     if freed_teacher:
         m.teacher = reload_teacher(cfg, device)
 
     final_ev = model_metrics(student, m, cfg, eval_renderer, eval_rows, eval_feats, True, device)
     speed = _speed(m, eval_renderer, eval_rows, cfg, device) if acc.is_main_process else {}
-    rep = build_report(cfg, m, teacher_ev, initial_ev, final_ev, eval_rows, speed, training, method.summary())
+    rep = build_report(cfg.method, *who(m, teacher_ev, text_teacher), teacher_ev, initial_ev, final_ev, eval_rows,
+                       cfg.eval.show_samples, speed, training, method.summary(),
+                       unavailable_without_model(m, teacher_ev, text_teacher))
     if mixture:
         rep["data_mixture"] = mixture
-    mark_unavailable(rep, m, teacher_ev, text_teacher)
     if acc.is_main_process:
         sdir = out / "student"
         student.save_pretrained(str(sdir))
         m.tokenizer.save_pretrained(str(sdir))
         (sdir / "README.md").write_text(model_card(rep, dump_config(cfg)))
-        write_report(rep, cfg, out)
+        write_report(rep, out)
     return rep
 
 
@@ -597,7 +595,7 @@ def evaluate_only(cfg: Config, say: Callable[[str], None] = log.info) -> dict:
         teacher_ev = model_metrics(m.teacher, m, cfg, renderer, eval_rows, eval_feats, False, device)
     student_ev = model_metrics(m.student, m, cfg, renderer, eval_rows, eval_feats, True, device)
     speed = _speed(m, renderer, eval_rows, cfg, device)
-    rep = build_report(cfg, m, teacher_ev, None, student_ev, eval_rows, speed, None, None)
-    mark_unavailable(rep, m, teacher_ev, text_teacher)
-    write_report(rep, cfg, out)
+    rep = build_report(cfg.method, *who(m, teacher_ev, text_teacher), teacher_ev, None, student_ev, eval_rows,
+                       cfg.eval.show_samples, speed, unavailable=unavailable_without_model(m, teacher_ev, text_teacher))
+    write_report(rep, out)
     return rep

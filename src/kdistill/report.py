@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from kdistill.evaluate import HIGHER_IS_BETTER
+from kdistill.evaluate import HIGHER_IS_BETTER, retention
 
 METRIC_ORDER = ("accuracy", "perplexity", "kl_to_teacher", "top1_agreement")
 
@@ -19,6 +19,86 @@ def _fmt(v) -> str:
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)
+
+
+def task_table(teacher_ev: dict, initial_ev: Optional[dict], final_ev: dict) -> dict:
+    """Per task: teacher, initial and trained student metrics, and retention (from ``by_task`` results)."""
+    t_tasks = teacher_ev.get("tasks") or {}
+    i_tasks = (initial_ev or {}).get("tasks") or {}
+    return {
+        name: {"teacher": t_tasks.get(name, {}), **({"student_initial": i_tasks.get(name, {})} if initial_ev else {}),
+               "student": metrics, "retention": retention(metrics, t_tasks.get(name, {}))}
+        for name, metrics in (final_ev.get("tasks") or {}).items()
+    }
+
+
+def build_report(method: str, teacher: dict, student: dict, teacher_ev: dict, initial_ev: Optional[dict],
+                 final_ev: dict, eval_rows: list, show_samples: int, speed: dict, training: Optional[dict] = None,
+                 method_summary: Optional[dict] = None, unavailable: Optional[dict] = None) -> dict:
+    """The report every method ends with (``report.json``; ``report.md`` is written from it).
+
+    ``teacher``: ``{"name", "params", "kind"}`` (kind: local, api, cache or none); ``student``:
+    ``{"name", "params", "teacher_layers"}``; ``*_ev``: ``{"metrics", "outputs", "tasks"?}`` from
+    :func:`kdistill.evaluate.by_task` (``initial_ev`` None for ``kdistill eval``). ``unavailable``:
+    ``{metric: why}`` for what could not be measured; such a metric's retention is None (not measured),
+    never a number computed from half the figures.
+    """
+    unavailable = dict(unavailable or {})
+    rep: dict = {
+        "method": method,
+        "teacher": {**teacher, "metrics": teacher_ev["metrics"]},
+        "student": {**student, "metrics": final_ev["metrics"]},
+        "eval_rows": len(eval_rows),
+    }
+    if initial_ev is not None:
+        rep["student_initial"] = {"params": student.get("params"), "metrics": initial_ev["metrics"]}
+    ret = retention(final_ev["metrics"], teacher_ev["metrics"])
+    for k in unavailable:
+        if k in METRIC_ORDER:
+            ret[k] = None
+    rep["retention"] = ret
+    if final_ev.get("tasks"):
+        rep["tasks"] = task_table(teacher_ev, initial_ev, final_ev)
+    rep["unavailable"] = unavailable
+    rep["speed"] = speed
+    if training:
+        rep["training"] = training
+    if method_summary:
+        rep["method_summary"] = method_summary
+    with_ref = [e for e in eval_rows if e.reference is not None]  # outputs follow the rows with a reference
+    samples = []
+    for i, e in enumerate(with_ref[:show_samples]):
+        smp = {"id": e.id, "prompt": e.prompt, "reference": e.reference}
+        for key, ev in (("teacher", teacher_ev), ("student_initial", initial_ev), ("student", final_ev)):
+            if ev is not None and i < len(ev.get("outputs") or []):
+                smp[key] = ev["outputs"][i]
+        samples.append(smp)
+    rep["samples"] = samples
+    rep["headline"] = headline(rep)
+    return rep
+
+
+def headline(rep: dict) -> str:
+    """One plain sentence: how much of the teacher the student kept (the first line of report.md)."""
+    s, t, ret = rep["student"], rep["teacher"], rep["retention"]
+    share = f" with {s['params'] / t['params']:.0%} of its parameters" if t.get("params") and s.get("params") else ""
+    if ret.get("accuracy") is not None:
+        return (f"The student keeps {ret['accuracy']:.0%} of the teacher's held-out accuracy "
+                f"({s['metrics']['accuracy']:.1%} vs {t['metrics']['accuracy']:.1%}){share}.")
+    if ret.get("perplexity") is not None:
+        return f"Perplexity retention {ret['perplexity']:.2f} (teacher/student){share}."
+    if "accuracy" in s["metrics"]:
+        return (f"The student answers {s['metrics']['accuracy']:.1%} of the held-out rows correctly "
+                f"(teacher: not measured).")
+    return ""
+
+
+def write_report(rep: dict, out: Path) -> None:
+    """``report.json``, ``report.md`` and the plots (their names added to ``report.json``)."""
+    (out / "report.json").write_text(json.dumps(rep, indent=2))
+    write_markdown(rep, out / "report.md")
+    rep["plots"] = plot(rep, out / "metrics.jsonl", out)
+    (out / "report.json").write_text(json.dumps(rep, indent=2))
 
 
 def metrics_table(report: dict) -> list[list[str]]:

@@ -20,18 +20,18 @@ trainer, checkpoints, the report):
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 
 from kdistill.config import Config, check_paths, dump_config
 from kdistill.data import Example, collate, encode_examples
 from kdistill.errors import ConfigError, DataError
-from kdistill.evaluate import by_task, logit_metrics, matches, measure_speed, retention, task_accuracy
-from kdistill.pipeline import _cached, _renderer, cut_from_teacher, load_data, start_run
+from kdistill.evaluate import by_task, logit_metrics, measure_speed, task_accuracy
+from kdistill.pipeline import _cached, _renderer, api_teacher_eval, cut_from_teacher, load_data, start_run
+from kdistill.report import build_report, write_report
 from kdistill.models import (
     count_params,
     load_model,
@@ -64,43 +64,6 @@ def _load_student(cfg: Config, local: Optional[tuple], train_rows: list[Example]
     teacher, tok = local
     student, layers, name = cut_from_teacher(cfg, teacher, tok, train_rows, out, say)
     return student, tok, name, layers
-
-
-def _api_accuracy(cfg: Config, rows: list[Example], out: Path) -> tuple[Optional[dict], list[str]]:
-    """The API teacher's greedy answers to held-out rows with a reference (answers cached on disk)."""
-    from kdistill.teachers.api import ApiTeacher, Job
-
-    rows = [e for e in rows if e.reference is not None]
-    if not rows or not cfg.eval.generate:
-        return None, []
-    path = out / "eval_teacher_answers.jsonl"
-    have: dict[str, str] = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                r = json.loads(line)
-                have[r["id"]] = r["answer"]
-            except (ValueError, KeyError, TypeError):
-                continue
-    todo = [e for e in rows if e.id not in have]
-    if todo:
-        api = ApiTeacher(cfg.teacher.api)
-        msgs = [([{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else []) + e.messages
-                for e in todo]
-        jobs = [Job(e.id, m, 0.0, cfg.eval.max_new_tokens) for e, m in zip(todo, msgs)]
-        with path.open("a", encoding="utf-8") as fh:
-            def keep(job, c):
-                if c.ok:
-                    have[job.key] = c.text
-                    fh.write(json.dumps({"id": job.key, "answer": c.text}) + "\n")
-                    fh.flush()
-            api.run(jobs, keep)
-    answered = [e for e in rows if e.id in have]
-    outputs = [have.get(e.id, "") for e in rows]
-    if not answered:
-        return None, outputs
-    hits = sum(matches(have[e.id], e.reference, cfg.eval.match) for e in answered)
-    return {"accuracy": hits / len(answered), "answered": len(answered), "asked": len(rows)}, outputs
 
 
 def _metrics(model, tok, cfg, rows, feats, teacher=None, vocab=None, device=None, gen_rows=None) -> dict:
@@ -152,7 +115,8 @@ def run_sequence(cfg: Config, say: Callable[[str], None] = log.info, progress: b
             gen_summary = generate(cfg, say, progress and acc.is_main_process,
                                    local=local if cfg.teacher.api is None else None)
         train_path = gen_summary["output"]
-    train_rows, eval_rows = load_data(cfg, require_train=train, train_path=train_path)
+    mixture: dict = {}
+    train_rows, eval_rows = load_data(cfg, require_train=train, train_path=train_path, mixture=mixture)
 
     # 2. filters
     filter_report = None
@@ -209,16 +173,12 @@ def run_sequence(cfg: Config, say: Callable[[str], None] = log.info, progress: b
     elif cfg.teacher.api is not None:
         try:
             with acc.main_process_first():  # answers are cached: asked once
-                api_m, api_out = _api_accuracy(cfg, eval_rows, out)
+                t_ev = api_teacher_eval(cfg, eval_rows, out)
         except ApiError as exc:
             say(f"the API teacher could not be evaluated: {exc}")
-            api_m, api_out = None, []
+            t_ev = {"metrics": {}, "outputs": []}
             unavailable["accuracy"] = f"the API teacher could not be evaluated ({exc})"
-        t_ev = {"metrics": {}, "outputs": api_out}
-        if api_m is not None:
-            t_ev["metrics"]["accuracy"] = round(api_m["accuracy"], 6)
-            t_ev["answered"] = api_m["answered"]
-        elif "accuracy" not in unavailable:
+        if "accuracy" not in t_ev["metrics"] and "accuracy" not in unavailable:
             unavailable["accuracy"] = "no held-out row has a 'reference' (or eval.generate is off)"
         for k in ("perplexity", "kl_to_teacher", "top1_agreement"):
             unavailable[k] = "the teacher is an API (text only: no token probabilities)"
@@ -234,6 +194,11 @@ def run_sequence(cfg: Config, say: Callable[[str], None] = log.info, progress: b
 
     initial_ev = None
     training = None
+    keeper = None
+    if train and cfg.eval.every:
+        from kdistill.pipeline import BestKeeper
+
+        keeper = BestKeeper(cfg, lambda model: student_eval(model)["metrics"], out, say)
     if train:
         initial_ev = _cached(out / "eval_student_initial.json", lambda: student_eval(student))
         from kdistill.trainer import train as train_loop
@@ -248,7 +213,8 @@ def run_sequence(cfg: Config, say: Callable[[str], None] = log.info, progress: b
                                 vocab or len(s_tok), cfg.eval.batch_size)
             curriculum = (cfg.curriculum, scores)
         result = train_loop(wrapper, method, feats, lambda b: collate(b, s_tok.pad_token_id), cfg.train, out,
-                            accelerator=acc, progress=progress, curriculum=curriculum)
+                            accelerator=acc, progress=progress, curriculum=curriculum,
+                            evaluator=(cfg.eval.every, keeper) if keeper is not None else None)
         student = acc.unwrap_model(wrapper).model
         training = {"steps": result.steps, "seconds": round(result.seconds, 1), "train_rows": len(feats),
                     "items": result.tokens, "resumed_from": result.resumed_from, "stopped_early": result.stopped_early,
@@ -257,6 +223,8 @@ def run_sequence(cfg: Config, say: Callable[[str], None] = log.info, progress: b
             from kdistill.curriculum import describe
 
             training["curriculum"] = describe(cfg.curriculum, curriculum[1], result.steps)
+        if keeper is not None:
+            student = keeper.select(student, training)
     final_ev = student_eval(student)
 
     # 5. report
@@ -271,69 +239,30 @@ def run_sequence(cfg: Config, say: Callable[[str], None] = log.info, progress: b
                                              cfg.eval.speed_new_tokens, device)
     teacher_display = cfg.teacher.model or (f"api:{cfg.teacher.api.model} @ {cfg.teacher.api.base_url}"
                                             if cfg.teacher.api else "(teacher-written data)")
-    ret = retention(final_ev["metrics"], t_ev["metrics"])
-    for k in list(unavailable):
-        ret[k] = None
-    rep: dict[str, Any] = {
-        "method": "sequence",
-        "teacher": {"name": teacher_display, "params": count_params(t_model) if t_model is not None else None,
-                    "metrics": t_ev["metrics"], "kind": "local" if t_model is not None else ("api" if cfg.teacher.api else "none")},
-        "student": {"name": student_name, "params": count_params(student), "metrics": final_ev["metrics"],
-                    "teacher_layers": layers},
-        "eval_rows": len(eval_rows),
-    }
-    if initial_ev is not None:
-        rep["student_initial"] = {"params": rep["student"]["params"], "metrics": initial_ev["metrics"]}
-    rep["retention"] = ret
-    if final_ev.get("tasks"):
-        from kdistill.pipeline import task_table
-
-        rep["tasks"] = task_table(t_ev, initial_ev, final_ev)
-    rep["unavailable"] = unavailable
-    rep["speed"] = speed
-    if training:
-        rep["training"] = training
+    teacher = {"name": teacher_display, "params": count_params(t_model) if t_model is not None else None,
+               "kind": "local" if t_model is not None else ("api" if cfg.teacher.api else "none")}
+    student_desc = {"name": student_name, "params": count_params(student), "teacher_layers": layers}
     summary = method.summary() if train else {}
     if filter_report is not None:
         summary["filters"] = filter_report
-        rep["filters"] = filter_report
     if gen_summary is not None:
         summary["generation"] = {k: v for k, v in gen_summary.items() if k != "teacher"}
-        rep["generation"] = gen_summary
     if unavailable:
         summary["unavailable"] = unavailable
-    rep["method_summary"] = summary
-    with_ref = [i for i, e in enumerate(eval_rows) if e.reference is not None]
-    samples = []
-    for n, i in enumerate(with_ref[: cfg.eval.show_samples]):
-        e = eval_rows[i]
-        smp = {"id": e.id, "prompt": e.prompt, "reference": e.reference}
-        for key, ev in (("teacher", t_ev), ("student_initial", initial_ev), ("student", final_ev)):
-            if ev is not None and n < len(ev.get("outputs", [])):
-                smp[key] = ev["outputs"][n]
-        samples.append(smp)
-    rep["samples"] = samples
-    rep["headline"] = _headline(rep)
+    rep = build_report("sequence", teacher, student_desc, t_ev, initial_ev, final_ev, eval_rows, cfg.eval.show_samples,
+                       speed, training, summary, unavailable)
+    if filter_report is not None:
+        rep["filters"] = filter_report
+    if gen_summary is not None:
+        rep["generation"] = gen_summary
+    if mixture:
+        rep["data_mixture"] = mixture
     if acc.is_main_process:
-        from kdistill.pipeline import write_report
-
         if train:
             sdir = out / "student"
             student.save_pretrained(str(sdir))
             s_tok.save_pretrained(str(sdir))
             (sdir / "README.md").write_text(model_card(rep, dump_config(cfg)))
-        write_report(rep, cfg, out)
+        write_report(rep, out)
     return rep
 
-
-def _headline(rep: dict) -> str:
-    s, t, ret = rep["student"], rep["teacher"], rep["retention"]
-    share = f" with {s['params'] / t['params']:.0%} of its parameters" if t.get("params") else ""
-    if ret.get("accuracy") is not None:
-        return (f"The student keeps {ret['accuracy']:.0%} of the teacher's held-out accuracy "
-                f"({s['metrics']['accuracy']:.1%} vs {t['metrics']['accuracy']:.1%}){share}.")
-    if ret.get("perplexity") is not None:
-        return f"Perplexity retention {ret['perplexity']:.2f} (teacher/student){share}."
-    if "accuracy" in s["metrics"]:
-        return f"The student answers {s['metrics']['accuracy']:.1%} of the held-out rows correctly (teacher: not measured)."
-    return ""
