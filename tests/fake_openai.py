@@ -24,6 +24,11 @@ class FakeOpenAI:
         self.timeout_sleep = 1.5
         self.plan: dict[str, list[str]] = {}
         self.responder: Callable[[list[dict]], str] = lambda msgs: "echo: " + msgs[-1]["content"]
+        # vLLM's extensions: /v1/completions with prompt_logprobs (token-id prompts) and /tokenize;
+        # None = routes absent (404), as on servers other than vLLM
+        self.prompt_logprobs: Optional[Callable[[list[int], int], list]] = None
+        self.tokenize: Optional[Callable[[str], list[int]]] = None
+        self.max_logprobs = 20
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         self.in_flight = 0
@@ -69,6 +74,12 @@ class FakeOpenAI:
                         server.in_flight -= 1
 
             def _handle(self, raw: bytes):
+                if self.path == "/tokenize" and server.tokenize is not None:
+                    body = json.loads(raw)
+                    toks = server.tokenize(body["prompt"])
+                    return self._send(200, {"tokens": toks, "count": len(toks), "max_model_len": 256})
+                if self.path.endswith("/v1/completions") and server.prompt_logprobs is not None:
+                    return self._completions(raw)
                 if not self.path.endswith("/v1/chat/completions"):
                     return self._send(404, {"error": {"message": f"no route {self.path}"}})
                 if server.key is not None and self.headers.get("Authorization") != f"Bearer {server.key}":
@@ -105,6 +116,32 @@ class FakeOpenAI:
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
                 })
+
+            def _completions(self, raw: bytes):
+                if server.key is not None and self.headers.get("Authorization") != f"Bearer {server.key}":
+                    return self._send(401, {"error": {"message": "Incorrect API key provided"}})
+                body = json.loads(raw)
+                if body.get("model") != server.model:
+                    return self._send(404, {"error": {"message": f"The model `{body.get('model')}` does not exist"}})
+                k = body.get("prompt_logprobs")
+                if k is not None and k > server.max_logprobs:
+                    return self._send(400, {"error": {"message": f"Requested prompt logprobs of {k}, which is greater "
+                                                                 f"than max allowed: {server.max_logprobs}"}})
+                ids = body["prompt"]
+                key = "ids:" + ",".join(map(str, ids[:4]))
+                with server.lock:
+                    modes = server.plan.get(key)
+                    mode = modes.pop(0) if modes else "ok"
+                    server.requests.append({"prompt": key, "mode": mode, "t": time.time(), "body": body})
+                if mode in ("500", "503"):
+                    return self._send(int(mode), {"error": {"message": "server error"}})
+                if mode == "malformed":
+                    return self._send(200, b'{"choices": [{"text": ')
+                plp = server.prompt_logprobs(ids, k) if k is not None else None
+                self._send(200, {"id": "cmpl-1", "object": "text_completion", "model": server.model,
+                                 "choices": [{"index": 0, "text": " x", "finish_reason": "length",
+                                              "prompt_logprobs": plp}],
+                                 "usage": {"prompt_tokens": len(ids), "completion_tokens": 1}})
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True

@@ -419,7 +419,7 @@ def _open_for_writing(path: Path, meta: dict, say) -> tuple[dict, set[str]]:
         good.append(entry)
     listed = {e["file"] for e in good}
     for f in path.iterdir():  # stray files: a shard renamed before its manifest update, or temp files
-        if f.is_file() and f.name != "manifest.json" and f.name not in listed:
+        if f.is_file() and f.name not in ("manifest.json", "teacher_eval.json") and f.name not in listed:
             f.unlink(missing_ok=True)
     if len(good) != len(manifest["shards"]):
         manifest["shards"] = good
@@ -440,8 +440,15 @@ def cache_teacher(cfg, say: Callable[[str], None] = log.info, progress: bool = T
     path_s = cfg.cache.path or cfg.teacher.cache
     if path_s is None:
         raise ConfigError("cache.path: required for cache-teacher (the folder the cache is written to)")
-    if cfg.teacher.model is None:
-        raise ConfigError("teacher.model: required for cache-teacher (the model whose top-k log-probs are cached)")
+    from kdistill.teachers.build import api_logprobs
+
+    served = api_logprobs(cfg.teacher)
+    if cfg.teacher.model is None and not served:
+        raise ConfigError("teacher.model: required for cache-teacher (the model whose top-k log-probs are cached), "
+                          "or teacher.api with api.logprobs (a vLLM server)")
+    if served and (cfg.student is None or cfg.student.model is None):
+        raise ConfigError("student.model: cache-teacher from a served teacher (teacher.api.logprobs) needs the "
+                          "student's tokenizer: give student.model")
     check_paths(cfg)
     path = Path(path_s)
     if cfg.data.tasks is not None:  # every task's training rows, as `kdistill run` mixes them
@@ -452,19 +459,33 @@ def cache_teacher(cfg, say: Callable[[str], None] = log.info, progress: bool = T
         rows = load_examples(cfg.data.train)
 
     t0 = time.time()
-    teacher, tok = load_model(cfg.teacher.model, "teacher.model", cfg.teacher.dtype, cfg.teacher.revision,
-                              cfg.teacher.trust_remote_code)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher.to(device)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    say(f"cache: teacher {cfg.teacher.model} loaded ({time.time() - t0:.1f} s)")
-    vocab = cache_vocab_size(teacher, tok)
-    k = min(cfg.cache.top_k, vocab)
+    if served:  # the teacher is a vLLM server: its top-k come over HTTP, tokenized with the student's tokenizer
+        from kdistill.models import load_tokenizer
+        from kdistill.teachers.api_logprobs import ApiLogprobTeacher
+
+        tok = load_tokenizer(cfg.student.model, "student.model", cfg.student.revision, cfg.student.trust_remote_code)
+        vocab = len(tok)
+        teacher = ApiLogprobTeacher(cfg.teacher.api, vocab)
+        say(f"cache: teacher {teacher.name}; {teacher.check_tokenizer(tok)}")
+        teacher_name = f"api:{cfg.teacher.api.model}"
+        k = teacher.top_k
+        if cfg.cache.top_k != k:
+            say(f"cache: top-{k} from teacher.api.logprobs (cache.top_k={cfg.cache.top_k} applies to a local teacher)")
+    else:
+        teacher, tok = load_model(cfg.teacher.model, "teacher.model", cfg.teacher.dtype, cfg.teacher.revision,
+                                  cfg.teacher.trust_remote_code)
+        teacher.to(device)
+        say(f"cache: teacher {cfg.teacher.model} loaded ({time.time() - t0:.1f} s)")
+        teacher_name = cfg.teacher.model
+        vocab = cache_vocab_size(teacher, tok)
+        k = min(cfg.cache.top_k, vocab)
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "teacher": cfg.teacher.model,
+        "teacher": teacher_name,
         "tokenizer_fingerprint": tokenizer_fingerprint(tok),
         "vocab_size": vocab,
         "top_k": k,
@@ -493,7 +514,10 @@ def cache_teacher(cfg, say: Callable[[str], None] = log.info, progress: bool = T
         for b in range(0, len(shard), bs):
             batch = collate(shard[b : b + bs], pad)
             batch = {key: (v.to(device) if isinstance(v, torch.Tensor) else v) for key, v in batch.items()}
-            i, l = teacher_topk(teacher, batch, vocab, k)
+            if served:
+                i, l, _ = teacher.topk_at_labels(batch)
+            else:
+                i, l = teacher_topk(teacher, batch, vocab, k)
             idx_parts.append(i.cpu().numpy())
             lp_parts.append(l.cpu().numpy())
             if bar is not None:
@@ -526,11 +550,13 @@ def cache_teacher(cfg, say: Callable[[str], None] = log.info, progress: bool = T
     }
     say(f"cache: {stats['rows']} rows, {tokens:,} tokens, top-{k}, {stats['bytes'] / 2**20:.2f} MiB on disk = "
         f"{stats['bytes_per_token']} bytes per token ({len(manifest['shards'])} shards) in {path}")
-    stats["teacher_eval"] = _teacher_eval(cfg, teacher, tok, vocab, path, device, say)
+    stats["teacher_eval"] = _teacher_eval(cfg, teacher, tok, vocab, path, device, say, served)
+    if served:
+        stats["api"] = teacher.summary()
     return stats
 
 
-def _teacher_eval(cfg, teacher, tok, vocab: int, path: Path, device, say) -> Optional[dict]:
+def _teacher_eval(cfg, teacher, tok, vocab: int, path: Path, device, say, served: bool = False) -> Optional[dict]:
     """The teacher's held-out figures, stored beside the cache so that runs training from the cache
     alone can report retention (see :func:`kdistill.pipeline.cached_teacher_eval`)."""
     from kdistill.data import encode_examples
@@ -548,10 +574,18 @@ def _teacher_eval(cfg, teacher, tok, vocab: int, path: Path, device, say) -> Opt
     renderer = _renderer(cfg, tok)
     feats, _ = encode_examples(renderer, eval_rows)
     say(f"cache: evaluating the teacher on {len(eval_rows)} held-out rows (stored in {out}, for retention)")
-    m = Models(teacher, None, tok, vocab, cfg.teacher.model, "")
-    ev = model_metrics(teacher, m, cfg, renderer, eval_rows, feats, False, device)
-    from kdistill.models import count_params
+    if served:  # its answers (kept in a subfolder: stray files in the cache folder are removed) and log-probs
+        from kdistill.pipeline import api_teacher_eval
 
-    _atomic_write(out, json.dumps({"fingerprint": fp, "teacher": cfg.teacher.model, "rows": len(eval_rows),
-                                   "params": count_params(teacher), **ev}, indent=1).encode())
+        answers = path / "eval_answers"
+        answers.mkdir(exist_ok=True)
+        ev, params, name = api_teacher_eval(cfg, eval_rows, answers, feats, teacher, tok.pad_token_id), None, teacher.name
+    else:
+        from kdistill.models import count_params
+
+        m = Models(teacher, None, tok, vocab, cfg.teacher.model, "")
+        ev = model_metrics(teacher, m, cfg, renderer, eval_rows, feats, False, device)
+        params, name = count_params(teacher), cfg.teacher.model
+    _atomic_write(out, json.dumps({"fingerprint": fp, "teacher": name, "rows": len(eval_rows),
+                                   "params": params, **ev}, indent=1).encode())
     return ev["metrics"]

@@ -44,6 +44,10 @@ class TeacherApiConfig(Section):
     backoff_base: float = Field(1.0, gt=0, description="first retry delay in seconds (doubles each retry, with jitter)")
     backoff_max: float = Field(60.0, gt=0, description="longest delay between retries (Retry-After is honoured above it)")
     extra_body: dict[str, Any] = Field(default_factory=dict, description="extra request fields, e.g. {top_p: 0.9, seed: 0}")
+    logprobs: Optional[int] = Field(
+        None, ge=1, le=4096, description="white-box signal from a vLLM server: the teacher's top-k log-probs of every "
+        "token (POST /completions with prompt_logprobs) for methods logit and on_policy and for cache-teacher; "
+        "vLLM allows at most its --max-logprobs (default 20); none = text only")
 
 
 class TeacherConfig(Section):
@@ -65,6 +69,13 @@ class TeacherConfig(Section):
     engine: Literal["transformers", "vllm"] = Field(
         "transformers", description="how a local teacher.model generates text (vllm: optional extra, GPU)"
     )
+
+    @model_validator(mode="after")
+    def _one_signal(self) -> "TeacherConfig":
+        if self.api is not None and self.api.logprobs is not None and (self.model is not None or self.cache is not None):
+            raise ValueError("api.logprobs: the served teacher gives the signal; give it without model or cache "
+                             "(and the student as student.model)")
+        return self
 
 
 class StudentInit(Section):
@@ -566,8 +577,8 @@ class Config(Section):
             if self.teacher.model is not None or self.teacher.cache is not None:
                 raise ValueError("set either teacher or teachers, not both")
             for i, t in enumerate(self.teachers):
-                if t.model is None and t.cache is None:
-                    raise ValueError(f"teachers[{i}]: give model or cache")
+                if t.model is None and t.cache is None and (t.api is None or t.api.logprobs is None):
+                    raise ValueError(f"teachers[{i}]: give model, cache, or api with api.logprobs")
         return self
 
 

@@ -300,73 +300,88 @@ class BestKeeper:
         return load_saved(student, self.out / "best")
 
 
-def api_teacher_eval(cfg: Config, rows: list[Example], out: Path) -> dict:
-    """An API teacher's held-out accuracy from its greedy answers (cached in ``eval_teacher_answers.jsonl``:
-    a rerun asks only for what is missing).
+def api_teacher_eval(cfg: Config, rows: list[Example], out: Path, feats: Optional[list[dict]] = None,
+                     served=None, pad_id: int = 0) -> dict:
+    """An API teacher's held-out figures: accuracy from its greedy answers (cached in
+    ``eval_teacher_answers.jsonl``: a rerun asks only for what is missing) and, for a teacher that
+    gives log-probs (``served``, an :class:`~kdistill.teachers.api_logprobs.ApiLogprobTeacher`), the
+    perplexity of ``feats``' response tokens.
 
-    Returns ``{"metrics": {"accuracy"}, "outputs", "answered", "tasks"}`` like :func:`kdistill.evaluate.by_task`:
-    ``outputs`` follow the rows with a reference, ``tasks`` (with two or more ``data.tasks``) holds each
-    task's accuracy; rows the API did not answer are left out of the accuracy and counted in ``answered``.
+    Returns ``{"metrics", "outputs", "answered", "tasks"?}`` like :func:`kdistill.evaluate.by_task`:
+    ``outputs`` follow the rows with a reference, ``tasks`` (two or more ``data.tasks``) holds each
+    task's figures; rows the API did not answer are left out of the accuracy and counted in ``answered``.
     Raises :class:`~kdistill.teachers.api.ApiError` when the API cannot be used at all.
     """
     from kdistill.evaluate import matches
     from kdistill.teachers.api import ApiTeacher, Job
 
-    rows = [e for e in rows if e.reference is not None]
-    if not rows or not cfg.eval.generate:
-        return {"metrics": {}, "outputs": []}
-    path = out / "eval_teacher_answers.jsonl"
+    with_ref = [e for e in rows if e.reference is not None]
     have: dict[str, str] = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                r = json.loads(line)
-                have[r["id"]] = r["answer"]
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut short by a crash: asked again
-    todo = [e for e in rows if e.id not in have]
-    if todo:
-        api = ApiTeacher(cfg.teacher.api)
-        system = [{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else []
-        jobs = [Job(e.id, system + e.messages, 0.0, cfg.eval.max_new_tokens) for e in todo]
-        with path.open("a", encoding="utf-8") as fh:
-            def keep(job, c):
-                if c.ok:
-                    have[job.key] = c.text
-                    fh.write(json.dumps({"id": job.key, "answer": c.text}) + "\n")
-                    fh.flush()
-            api.run(jobs, keep)
+    if with_ref and cfg.eval.generate:
+        path = out / "eval_teacher_answers.jsonl"
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    r = json.loads(line)
+                    have[r["id"]] = r["answer"]
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by a crash: asked again
+        todo = [e for e in with_ref if e.id not in have]
+        if todo:
+            api = ApiTeacher(cfg.teacher.api)
+            system = [{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else []
+            jobs = [Job(e.id, system + e.messages, 0.0, cfg.eval.max_new_tokens) for e in todo]
+            with path.open("a", encoding="utf-8") as fh:
+                def keep(job, c):
+                    if c.ok:
+                        have[job.key] = c.text
+                        fh.write(json.dumps({"id": job.key, "answer": c.text}) + "\n")
+                        fh.flush()
+                api.run(jobs, keep)
 
-    def accuracy(sub: list[Example]) -> dict:
-        answered = [e for e in sub if e.id in have]
-        if not answered:
-            return {}
-        return {"accuracy": round(sum(matches(have[e.id], e.reference, cfg.eval.match) for e in answered)
-                                  / len(answered), 6)}
+    def measure(sub: list[Example], sub_feats: list[dict]) -> dict:
+        metrics: dict = {}
+        ref = [e for e in sub if e.reference is not None]
+        answered = [e for e in ref if e.id in have]
+        if answered:
+            metrics["accuracy"] = sum(matches(have[e.id], e.reference, cfg.eval.match) for e in answered) / len(answered)
+        if served is not None and sub_feats:
+            ppl = served.perplexity(sub_feats, pad_id, cfg.eval.batch_size)
+            if ppl is not None:
+                metrics["perplexity"] = ppl
+        return {"metrics": {k: round(v, 6) for k, v in metrics.items()}, "outputs": [have.get(e.id, "") for e in ref]}
 
-    ev = {"metrics": accuracy(rows), "outputs": [have.get(e.id, "") for e in rows],
-          "answered": sum(e.id in have for e in rows)}
-    names = list(dict.fromkeys(task_of(e) for e in rows))
-    if len(names) > 1:
-        ev["tasks"] = {t: accuracy([e for e in rows if task_of(e) == t]) for t in names}
+    ev = by_task(rows, feats if served is not None and feats else [], measure)
+    ev["answered"] = sum(e.id in have for e in with_ref)
     return ev
 
 
-def teacher_eval_without_model(cfg: Config, eval_rows: list[Example], out: Path, acc, text_teacher: bool,
-                               say: Callable[[str], None]) -> dict:
-    """The teacher's held-out figures when no teacher model is loaded: an API teacher's accuracy from
-    its greedy answers (:func:`api_teacher_eval`), or what ``cache-teacher`` stored."""
-    if text_teacher:
+def teacher_eval_without_model(cfg: Config, eval_rows: list[Example], out: Path, acc, teacher,
+                               say: Callable[[str], None], eval_feats: Optional[list[dict]] = None,
+                               pad_id: int = 0) -> dict:
+    """The teacher's held-out figures when no teacher model is loaded: an API teacher's from its
+    answers and log-probs (:func:`api_teacher_eval`), or what ``cache-teacher`` stored."""
+    from kdistill.teachers.api import ApiTextTeacher
+    from kdistill.teachers.api_logprobs import ApiLogprobTeacher
+
+    if isinstance(teacher, (ApiTextTeacher, ApiLogprobTeacher)):
+        served = teacher if isinstance(teacher, ApiLogprobTeacher) else None
         with acc.main_process_first():  # answers are cached: asked once
-            return api_teacher_eval(cfg, eval_rows, out)
+            return api_teacher_eval(cfg, eval_rows, out, eval_feats, served, pad_id)
     return cached_teacher_eval(cfg, eval_rows, say)
 
 
-def unavailable_without_model(m: Models, teacher_ev: dict, text_teacher: bool) -> dict:
+def unavailable_without_model(m: Models, teacher_ev: dict, teacher) -> dict:
     """``{metric: why}``: what cannot be measured when no teacher model is loaded."""
-    if text_teacher:
+    from kdistill.teachers.api import ApiTextTeacher
+    from kdistill.teachers.api_logprobs import ApiLogprobTeacher
+
+    if isinstance(teacher, ApiTextTeacher):
         why = "the teacher is an API (text only: no token probabilities)"
         return {"perplexity": why, "kl_to_teacher": why, "top1_agreement": why}
+    if isinstance(teacher, ApiLogprobTeacher):
+        why = "the teacher is served over HTTP (its top-k log-probs train the student; these need its full distribution)"
+        return {"kl_to_teacher": why, "top1_agreement": why}
     if m.teacher is None:
         why = "trained from an offline teacher cache without teacher.model"
         out = {"kl_to_teacher": why, "top1_agreement": why}
@@ -377,11 +392,15 @@ def unavailable_without_model(m: Models, teacher_ev: dict, text_teacher: bool) -
     return {}
 
 
-def who(m: Models, teacher_ev: dict, text_teacher: bool) -> tuple[dict, dict]:
+def who(m: Models, teacher_ev: dict, teacher) -> tuple[dict, dict]:
     """The report's ``teacher`` and ``student`` descriptions (without metrics)."""
+    from kdistill.teachers.api import ApiTextTeacher
+    from kdistill.teachers.api_logprobs import ApiLogprobTeacher
+
     params = (count_params(m.teacher) if m.teacher is not None
               else (m.extra.get("teacher_params") or teacher_ev.get("params")))
-    kind = "local" if m.teacher is not None else ("api" if text_teacher else "cache")
+    kind = ("local" if m.teacher is not None else "api" if isinstance(teacher, (ApiTextTeacher, ApiLogprobTeacher))
+            else "cache")
     return ({"name": m.teacher_name, "params": params, "kind": kind},
             {"name": m.student_name, "params": count_params(m.student), "teacher_layers": m.teacher_layers})
 
@@ -479,12 +498,10 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
 
     if acc.is_main_process:
         say(f"evaluating the teacher and the initial student on {len(eval_rows)} held-out rows")
-    from kdistill.teachers.api import ApiTextTeacher
-
-    text_teacher = isinstance(teacher, ApiTextTeacher)
     if m.teacher is None:  # an API teacher, or a cache
-        teacher_ev = teacher_eval_without_model(cfg, eval_rows, out, acc, text_teacher,
-                                                say if acc.is_main_process else (lambda _: None))
+        teacher_ev = teacher_eval_without_model(cfg, eval_rows, out, acc, teacher,
+                                                say if acc.is_main_process else (lambda _: None), eval_feats,
+                                                m.tokenizer.pad_token_id)
     else:
         teacher_ev = _cached(out / "eval_teacher.json",
                              lambda: model_metrics(m.teacher, m, cfg, eval_renderer, eval_rows, eval_feats, False, device))
@@ -552,9 +569,9 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
 
     final_ev = model_metrics(student, m, cfg, eval_renderer, eval_rows, eval_feats, True, device)
     speed = _speed(m, eval_renderer, eval_rows, cfg, device) if acc.is_main_process else {}
-    rep = build_report(cfg.method, *who(m, teacher_ev, text_teacher), teacher_ev, initial_ev, final_ev, eval_rows,
+    rep = build_report(cfg.method, *who(m, teacher_ev, teacher), teacher_ev, initial_ev, final_ev, eval_rows,
                        cfg.eval.show_samples, speed, training, method.summary(),
-                       unavailable_without_model(m, teacher_ev, text_teacher))
+                       unavailable_without_model(m, teacher_ev, teacher))
     if mixture:
         rep["data_mixture"] = mixture
     if acc.is_main_process:
@@ -582,20 +599,28 @@ def evaluate_only(cfg: Config, say: Callable[[str], None] = log.info) -> dict:
     renderer = _renderer(cfg, m.tokenizer)
     eval_feats, _ = encode_examples(renderer, eval_rows)
     say(f"evaluating {'teacher and ' if m.teacher is not None else ''}student on {len(eval_rows)} held-out rows")
-    text_teacher = False
+    teacher = None
     if m.teacher is None:  # the teacher is only an API or a cache
         from accelerate import PartialState
 
-        from kdistill.teachers.build import TEXT_TEACHER_METHODS, api_text_only
+        from kdistill.teachers.build import TEXT_TEACHER_METHODS, api_logprobs, api_text_only
 
-        text_teacher = api_text_only(cfg) and cfg.method in TEXT_TEACHER_METHODS
-        teacher_ev = teacher_eval_without_model(cfg, eval_rows, out, PartialState(), text_teacher, say)
+        if api_text_only(cfg) and cfg.method in TEXT_TEACHER_METHODS:
+            from kdistill.teachers.api import ApiTextTeacher
+
+            teacher = ApiTextTeacher(cfg.teacher.api, cfg.data.system_prompt)
+        elif not cfg.teachers and api_logprobs(cfg.teacher):
+            from kdistill.teachers.api_logprobs import ApiLogprobTeacher
+
+            teacher = ApiLogprobTeacher(cfg.teacher.api, m.vocab_size)
+        teacher_ev = teacher_eval_without_model(cfg, eval_rows, out, PartialState(), teacher, say, eval_feats,
+                                                m.tokenizer.pad_token_id)
     else:
         m.teacher.to(device)
         teacher_ev = model_metrics(m.teacher, m, cfg, renderer, eval_rows, eval_feats, False, device)
     student_ev = model_metrics(m.student, m, cfg, renderer, eval_rows, eval_feats, True, device)
     speed = _speed(m, renderer, eval_rows, cfg, device)
-    rep = build_report(cfg.method, *who(m, teacher_ev, text_teacher), teacher_ev, None, student_ev, eval_rows,
-                       cfg.eval.show_samples, speed, unavailable=unavailable_without_model(m, teacher_ev, text_teacher))
+    rep = build_report(cfg.method, *who(m, teacher_ev, teacher), teacher_ev, None, student_ev, eval_rows,
+                       cfg.eval.show_samples, speed, unavailable=unavailable_without_model(m, teacher_ev, teacher))
     write_report(rep, out)
     return rep

@@ -47,8 +47,13 @@ class OnPolicyMethod(LogitMethod):
 
             import_vllm("on_policy.engine")  # fail before any training when it is missing
         self.sampler = None  # built on the first student batch (it needs the model)
-        if getattr(ctx.teacher, "model", None) is None and (self.lam > 0 or self.seq_kd):
-            raise ValueError("on_policy needs a live teacher model (the teacher must score new sequences)")
+        from kdistill.teachers.build import scores_new_sequences
+
+        if self.lam > 0 and not scores_new_sequences(ctx.teacher):
+            raise ValueError("on_policy needs a live teacher (teacher.model, or a vLLM server with teacher.api.logprobs): "
+                             "the teacher must score the student's new sequences, which a cache cannot")
+        if self.seq_kd and getattr(ctx.teacher, "model", None) is None:
+            raise ValueError("on_policy.seq_kd: sampling sequences from the teacher needs teacher.model")
         if ctx.renderer is None:
             raise ValueError("on_policy needs the run's renderer (prompt ids)")
         self.prompts = {e.id: ctx.renderer.prompt_ids(e) for e in ctx.train_examples}

@@ -49,6 +49,7 @@ class Completion:
     finish_reason: Optional[str] = None
     error: Optional[str] = None
     attempts: int = 1
+    value: Any = None  # what a non-chat request parsed (e.g. prompt log-probs)
 
     @property
     def ok(self) -> bool:
@@ -203,6 +204,10 @@ class ApiTeacher:
         if code >= 400:
             raise _Fail(f"HTTP {code}: {self._server_says(resp)}")
         self._verified = True  # the endpoint, model and key work
+        return self._parse(job, resp)
+
+    def _parse(self, job: Job, resp) -> Completion:
+        """A 200 response -> :class:`Completion`; raises ``_Retry`` for a malformed or empty answer."""
         try:
             data = resp.json()
             choice = data["choices"][0]

@@ -8,6 +8,9 @@
 * ``teacher: {model: M, cache: C}``: the signal is read from the cache; M is loaded only to cut the
   student (``student.init``) and to evaluate the teacher and the initial student, freed while the
   student trains, and loaded again for the final evaluation.
+* ``teacher: {api: {..., logprobs: K}}``: the teacher's top-K log-probs come from a vLLM server
+  (:class:`~kdistill.teachers.api_logprobs.ApiLogprobTeacher`, methods logit and on_policy); no
+  teacher model is loaded and the student is ``student.model``.
 * ``teachers: [...]``: several of the above with weights (:class:`MultiTeacher`). The first
   teacher with a ``model`` is "the teacher" of the report and the one a student is cut from.
 
@@ -26,6 +29,13 @@ log = logging.getLogger("kdistill")
 CACHE_METHODS = ("logit",)  # methods that train on the dataset's own sequences (what a cache covers)
 # methods that can work with a text-only teacher (teacher.api alone): its answers and its ratings
 TEXT_TEACHER_METHODS = ("zephyr", "on_policy_filter", "self_distill")
+LOGPROB_API_METHODS = ("logit", "on_policy")  # methods a served teacher's top-k log-probs can train
+
+
+def api_logprobs(spec) -> bool:
+    """This teacher's signal is top-k log-probs from a vLLM server (``api.logprobs``, no model or cache)."""
+    api = getattr(spec, "api", None)
+    return api is not None and api.logprobs is not None and spec.model is None and spec.cache is None
 
 
 def api_text_only(cfg) -> bool:
@@ -65,7 +75,11 @@ def load_student_only(cfg, say: Callable[[str], None] = log.info):
 
     specs = teacher_configs(cfg)
     text_only = api_text_only(cfg) and cfg.method in TEXT_TEACHER_METHODS
-    if not any(t.cache for t in specs) and not text_only:
+    served = [t for t in specs if api_logprobs(t)]
+    if served and cfg.method not in LOGPROB_API_METHODS:
+        raise ConfigError(f"teacher.api.logprobs: a served teacher's log-probs train methods "
+                          f"{', '.join(LOGPROB_API_METHODS)}; method {cfg.method} cannot use them")
+    if not any(t.cache for t in specs) and not text_only and not served:
         if getattr(cfg.teacher, "api", None) is not None:
             raise ConfigError(
                 f"teacher.api: method {cfg.method} needs the teacher's token distributions, which an API does not give; "
@@ -75,7 +89,7 @@ def load_student_only(cfg, say: Callable[[str], None] = log.info):
         raise ConfigError("teacher.model: required for this method (hub id, folder, .gguf file, or 'demo'), or teacher.cache")
     if cfg.student is None:
         raise ConfigError("student: required key is missing (student.model when the teacher is only a cache)")
-    what = "an API" if text_only else "a cache"
+    what = "an API" if text_only or served else "a cache"
     if cfg.student.model is None:
         raise ConfigError(
             f"student.model: required when the teacher is only {what} (student.init cuts the student from the "
@@ -90,8 +104,9 @@ def load_student_only(cfg, say: Callable[[str], None] = log.info):
         name = f"api:{cfg.teacher.api.model} @ {cfg.teacher.api.base_url}"
         say(f"teacher: {name} (text only: its answers and ratings; no token probabilities)")
         return Models(None, student, tok, vocab, name, cfg.student.model)
-    names = [f"{TopKCache(t.cache).teacher} (cache {t.cache})" for t in specs if t.cache]
-    say(f"teacher: offline cache only ({', '.join(names)}); no teacher model is loaded")
+    names = [f"{TopKCache(t.cache).teacher} (cache {t.cache})" if t.cache else
+             f"api:{t.api.model} @ {t.api.base_url} (top-{t.api.logprobs} log-probs)" for t in specs]
+    say(f"teacher: {', '.join(names)}; no teacher model is loaded")
     return Models(None, student, tok, vocab, " + ".join(names), cfg.student.model)
 
 
@@ -117,7 +132,20 @@ def build_teacher(cfg, m, features: list[dict], device=None, say: Callable[[str]
     built, names = [], []
     for i, spec in enumerate(specs):
         key = _key(cfg, i)
-        if spec.cache is not None:
+        if api_logprobs(spec):
+            from kdistill.teachers.api_logprobs import ApiLogprobTeacher
+
+            if cfg.method not in LOGPROB_API_METHODS:
+                raise ConfigError(f"{key}.api.logprobs: a served teacher's log-probs train methods "
+                                  f"{', '.join(LOGPROB_API_METHODS)}; method {cfg.method} cannot use them")
+            if cfg.features.weight > 0:
+                raise ConfigError(f"features: feature distillation needs the teacher's hidden states; {key} is served "
+                                  "over HTTP (log-probs only)")
+            t = ApiLogprobTeacher(spec.api, m.vocab_size)
+            checked = t.check_tokenizer(m.tokenizer)
+            say(f"{key}: {t.name}; {checked}")
+            names.append(f"api:{spec.api.model}")
+        elif spec.cache is not None:
             if cfg.method not in CACHE_METHODS:
                 raise ConfigError(
                     f"{key}.cache: a teacher cache holds the teacher's signal on the dataset's own sequences; method "
@@ -151,6 +179,17 @@ def build_teacher(cfg, m, features: list[dict], device=None, say: Callable[[str]
     say(f"teachers: {len(built)} ({', '.join(f'{n} w={w:.2f}' for n, w in zip(names, multi.weights))}), "
         f"combined as {cfg.loss.teacher_mix}")
     return multi
+
+
+def scores_new_sequences(teacher) -> bool:
+    """Whether ``teacher`` gives a signal for any sequence (a model here, or one served over HTTP),
+    not only for the dataset's own rows (a cache)."""
+    from kdistill.teachers.api_logprobs import ApiLogprobTeacher
+
+    subs = getattr(teacher, "teachers", None)
+    if subs is not None:
+        return all(scores_new_sequences(t) for t in subs)
+    return getattr(teacher, "model", None) is not None or isinstance(teacher, ApiLogprobTeacher)
 
 
 def uses_model(teacher, model) -> bool:

@@ -1,0 +1,229 @@
+"""A teacher served by vLLM (teacher.api.logprobs): its top-k log-probs over HTTP train the student.
+
+The fake server answers /v1/completions with prompt_logprobs in vLLM's format, computed by the
+tiny teacher model itself, so every figure can be checked against the local model.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import base_config, make_tokenizer
+from fake_openai import FakeOpenAI
+from kdistill.cache import TopKCache, cache_teacher, teacher_topk
+from kdistill.cli import main
+from kdistill.config import load_config
+from kdistill.data import collate, encode_examples, load_examples
+from kdistill.errors import ConfigError
+from kdistill.evaluate import logit_metrics
+from kdistill.models import load_model
+from kdistill.pipeline import _renderer, evaluate_only, run
+from kdistill.teachers.api_logprobs import ApiLogprobTeacher
+
+KEY = "sk-served-SECRET-4242"
+K = 8
+
+
+def vllm_prompt_logprobs(model):
+    """``(ids, k) -> prompt_logprobs`` as vLLM's /v1/completions returns them (keys are token ids as
+    strings; the prompt token is added when it is not in the top-k; entry 0 is null)."""
+    lock = threading.Lock()
+
+    def answer(ids: list[int], k: int) -> list:
+        with lock, torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        out: list = [None]
+        for j in range(1, len(ids)):
+            row = lp[j - 1]
+            top = row.topk(k)
+            d = {str(int(t)): {"logprob": float(v), "rank": r + 1, "decoded_token": "?"}
+                 for r, (t, v) in enumerate(zip(top.indices, top.values))}
+            own = int(ids[j])
+            if str(own) not in d:
+                d[str(own)] = {"logprob": float(row[own]), "rank": int((row > row[own]).sum()) + 1, "decoded_token": "?"}
+            out.append(d)
+        return out
+
+    return answer
+
+
+@pytest.fixture()
+def served(tiny, monkeypatch):
+    """A fake vLLM server for the tiny teacher (chat answers echo the reference-free prompt)."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("KD_SERVED_KEY", KEY)
+    teacher, tok = load_model(str(tiny / "teacher"))
+    srv = FakeOpenAI(model="tiny-teacher", key=KEY)
+    srv.prompt_logprobs = vllm_prompt_logprobs(teacher)
+    srv.tokenize = lambda text: tok.encode(text, add_special_tokens=False)
+    srv.responder = lambda msgs: msgs[-1]["content"].split()[-2]  # "what is the first name A B" -> "A"
+    srv.start()
+    try:
+        yield srv, teacher, tok
+    finally:
+        srv.stop()
+
+
+def api_section(srv, k=K) -> dict:
+    return {"base_url": srv.base_url, "model": "tiny-teacher", "api_key_env": "KD_SERVED_KEY", "logprobs": k,
+            "max_retries": 2, "backoff_base": 0.01, "timeout": 30}
+
+
+def served_config(tiny, srv, out, **sections) -> dict:
+    cfg = base_config(tiny, out, **sections)
+    cfg["teacher"] = {"api": api_section(srv)}
+    cfg["student"] = {"model": str(tiny / "student")}
+    return cfg
+
+
+def _batch(tiny, tok, n=6):
+    cfg = load_config(base=base_config(tiny, tiny / "unused"))
+    feats, _ = encode_examples(_renderer(cfg, tok), load_examples(tiny / "train.jsonl")[:n])
+    return feats, collate(feats, tok.pad_token_id)
+
+
+def test_served_top_k_equals_the_local_teacher(tiny, served):
+    """Position t of a batch takes the server's entry t+1: the signal equals the local model's top-k
+    at every trained position, and each token's own log-prob is the model's."""
+    srv, teacher, tok = served
+    from kdistill.config import TeacherApiConfig
+
+    t = ApiLogprobTeacher(TeacherApiConfig(**api_section(srv)), len(tok))
+    assert "checked" in t.check_tokenizer(tok)
+    feats, batch = _batch(tiny, tok)
+    idx, lp, own = t.topk_at_labels(batch)
+    ref_i, ref_l = teacher_topk(teacher, batch, len(tok), K)
+    assert torch.equal(idx, ref_i)
+    torch.testing.assert_close(lp, ref_l, atol=2e-5, rtol=0)
+    with torch.no_grad():
+        full = torch.log_softmax(teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float(), -1)
+    keep = batch["labels"] != -100
+    torch.testing.assert_close(own, full[keep].gather(-1, batch["labels"][keep][:, None]).squeeze(-1), atol=2e-5, rtol=0)
+    sig = t.signal(batch).topk  # the same values, placed at the trained positions of [batch, seq, k]
+    assert sig.indices.shape == (*batch["labels"].shape, K)
+    assert torch.equal(sig.indices[keep], ref_i)
+    # one request per row and call, each with the unpadded sequence up to its last trained token
+    assert len(srv.requests) == 2 * len(feats) and all(r["body"]["prompt_logprobs"] == K for r in srv.requests)
+    assert sorted(len(r["body"]["prompt"]) for r in srv.requests[:len(feats)]) == sorted(len(f["input_ids"]) for f in feats)
+
+
+def test_logit_run_from_a_served_teacher(tiny, served, tmp_path):
+    """method logit trains from the server; the report has the teacher's perplexity (equal to the
+    local model's) and accuracy, and names what a served teacher cannot give."""
+    srv, teacher, tok = served
+    out = tmp_path / "run"
+    cfg = served_config(tiny, srv, out, train={"max_steps": 4}, eval={"speed_prompts": 0}, data={"max_eval_rows": 6})
+    rep = run(load_config(base=cfg), progress=False)
+    assert rep["teacher"]["kind"] == "api" and rep["teacher"]["params"] is None
+    eval_cfg = load_config(base=cfg)
+    rows = load_examples(tiny / "eval.jsonl")[:6]
+    feats, _ = encode_examples(_renderer(eval_cfg, tok), rows)
+    local = logit_metrics(teacher, feats, tok.pad_token_id, len(tok), batch_size=8)
+    assert rep["teacher"]["metrics"]["perplexity"] == pytest.approx(local["perplexity"], rel=1e-4)
+    assert rep["teacher"]["metrics"]["accuracy"] == 1.0  # the fake server's chat answers are right
+    assert rep["retention"]["perplexity"] is not None and rep["retention"]["kl_to_teacher"] is None
+    assert set(rep["unavailable"]) == {"kl_to_teacher", "top1_agreement"}
+    # it trains as the same teacher's top-k cache does (same rows, seed and loss; the cache rounds log-probs)
+    cache = tmp_path / "cache"
+    cache_teacher(load_config(base=base_config(tiny, tmp_path / "c", cache={"path": str(cache), "top_k": K},
+                                               eval={"speed_prompts": 0})), say=lambda _: None, progress=False)
+    ref = dict(cfg, output_dir=str(tmp_path / "from_cache"), teacher={"cache": str(cache)},
+               eval={"generate": False, "speed_prompts": 0})
+    run(load_config(base=ref), progress=False)
+    served_losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    cached_losses = [json.loads(l)["loss"] for l in (tmp_path / "from_cache" / "metrics.jsonl").read_text().splitlines()]
+    assert len(served_losses) == 4 and served_losses == pytest.approx(cached_losses, rel=1e-2)
+    # `kdistill eval` against the served teacher: the same teacher figures, no training
+    again = evaluate_only(load_config(base=dict(cfg, output_dir=str(tmp_path / "ev"),
+                                                student={"model": str(out / "student")})), say=lambda _: None)
+    assert again["teacher"]["metrics"] == rep["teacher"]["metrics"] and again["teacher"]["kind"] == "api"
+    for p in out.rglob("*"):
+        if p.is_file():
+            assert KEY.encode() not in p.read_bytes(), p
+
+
+def test_on_policy_sends_the_students_samples_to_the_server(tiny, served, tmp_path):
+    srv, _, tok = served
+    out = tmp_path / "op"
+    cfg = served_config(tiny, srv, out, method="on_policy", train={"max_steps": 2, "batch_size": 4},
+                        eval={"generate": False, "speed_prompts": 0}, data={"max_eval_rows": 2},
+                        on_policy={"lambda": 1.0, "max_new_tokens": 6})
+    rep = run(load_config(base=cfg), progress=False)
+    assert rep["method_summary"]["on_policy_batches"] == 2
+    feats, _ = encode_examples(_renderer(load_config(base=cfg), tok), load_examples(tiny / "train.jsonl"))
+    dataset = {tuple(f["input_ids"]) for f in feats}
+    sent = [tuple(r["body"]["prompt"]) for r in srv.requests if r["body"].get("prompt_logprobs")]
+    # training sequences are the student's samples: none of them is a dataset row (eval rows come after)
+    assert len(sent) >= 8 and not any(s in dataset for s in sent[:8])
+
+
+def test_cache_teacher_from_a_served_teacher_equals_the_local_cache(tiny, served, tmp_path):
+    srv, _, tok = served
+    local = base_config(tiny, tmp_path / "a", cache={"path": str(tmp_path / "local"), "top_k": K},
+                        eval={"speed_prompts": 0})
+    cache_teacher(load_config(base=local), say=lambda _: None, progress=False)
+    remote = served_config(tiny, srv, tmp_path / "b", cache={"path": str(tmp_path / "served"), "top_k": K},
+                           eval={"speed_prompts": 0})
+    stats = cache_teacher(load_config(base=remote), say=lambda _: None, progress=False)
+    a, b = TopKCache(tmp_path / "local"), TopKCache(tmp_path / "served")
+    assert set(a.index()) == set(b.index()) and len(b) == 64  # every row of data.train
+    for sid in a.index():
+        ia, la = a.get(sid)
+        ib, lb = b.get(sid)
+        assert np.array_equal(ia, ib)
+        np.testing.assert_allclose(la, lb, atol=2e-3)
+    assert stats["teacher_eval"]["perplexity"] > 1 and stats["api"]["requests"] > 0
+    # a rerun finds every row cached and asks the server for nothing
+    n = len(srv.requests)
+    cache_teacher(load_config(base=remote), say=lambda _: None, progress=False)
+    assert len(srv.requests) == n
+
+
+def _run_cli(tmp_path, cfg, capsys) -> tuple[int, str]:
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    code = main(["run", str(tmp_path / "c.yaml"), "--no-progress"])
+    return code, capsys.readouterr().err
+
+
+def test_a_server_without_prompt_logprobs_is_a_clear_error(tiny, served, tmp_path, capsys):
+    srv, _, _ = served
+    srv.prompt_logprobs = lambda ids, k: None  # e.g. an OpenAI-style server: the field is ignored
+    code, err = _run_cli(tmp_path, served_config(tiny, srv, tmp_path / "r", eval={"speed_prompts": 0}), capsys)
+    assert code == 2 and "returned no prompt_logprobs" in err and "vllm serve" in err and "Traceback" not in err
+
+
+def test_more_logprobs_than_the_server_allows_is_a_clear_error(tiny, served, tmp_path, capsys):
+    srv, _, _ = served
+    cfg = served_config(tiny, srv, tmp_path / "r", eval={"speed_prompts": 0})
+    cfg["teacher"]["api"]["logprobs"] = 32
+    code, err = _run_cli(tmp_path, cfg, capsys)
+    assert code == 2 and "max-logprobs" in err and "greater than max allowed: 20" in err
+
+
+def test_a_served_model_with_another_tokenizer_is_refused(tiny, served, tmp_path, capsys):
+    srv, _, _ = served
+    other = make_tokenizer(320)
+    srv.tokenize = lambda text: other.encode(text, add_special_tokens=False)
+    code, err = _run_cli(tmp_path, served_config(tiny, srv, tmp_path / "r", eval={"speed_prompts": 0}), capsys)
+    assert code == 2 and "tokenizes text differently" in err
+
+
+@pytest.mark.parametrize("teacher,method,msg", [
+    ({"model": "x", "api": {"base_url": "http://h/v1", "model": "m", "logprobs": 8}}, "logit", "without model or cache"),
+])
+def test_served_teacher_config_errors(teacher, method, msg):
+    with pytest.raises(ConfigError, match=msg):
+        load_config(base={"output_dir": "x", "method": method, "teacher": teacher})
+
+
+def test_served_logprobs_refused_for_methods_that_cannot_use_them(tiny, served, tmp_path, capsys):
+    srv, _, _ = served
+    cfg = served_config(tiny, srv, tmp_path / "r", method="dpo", dpo={"pairs": str(tiny / "train.jsonl")})
+    code, err = _run_cli(tmp_path, cfg, capsys)
+    assert code == 2 and "teacher.api.logprobs" in err and "method dpo cannot use them" in err
