@@ -227,3 +227,16 @@ def test_served_logprobs_refused_for_methods_that_cannot_use_them(tiny, served, 
     cfg = served_config(tiny, srv, tmp_path / "r", method="dpo", dpo={"pairs": str(tiny / "train.jsonl")})
     code, err = _run_cli(tmp_path, cfg, capsys)
     assert code == 2 and "teacher.api.logprobs" in err and "method dpo cannot use them" in err
+
+
+def test_a_served_teacher_mixes_with_a_local_one(tiny, served, tmp_path):
+    """teachers: [local model, vLLM server]: the top-k mixture trains, and the server is asked for
+    every training sequence."""
+    srv, _, _ = served
+    cfg = base_config(tiny, tmp_path / "mix", train={"max_steps": 2}, eval={"generate": False, "speed_prompts": 0},
+                      data={"max_eval_rows": 2})
+    del cfg["teacher"]
+    cfg["teachers"] = [{"model": str(tiny / "teacher"), "weight": 1.0}, {"api": api_section(srv), "weight": 1.0}]
+    rep = run(load_config(base=cfg), progress=False)
+    assert rep["teacher"]["kind"] == "local" and rep["training"]["steps"] == 2
+    assert sum(1 for r in srv.requests if r["body"].get("prompt_logprobs")) == 2 * 8  # two batches of 8 rows
