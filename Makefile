@@ -26,6 +26,7 @@ test: setup
 bench: setup
 	$(PY) benchmarks/losses.py
 	$(PY) benchmarks/cache.py
+	$(PY) benchmarks/served_teacher.py
 	$(PY) benchmarks/on_policy_engines.py
 
 clean:

@@ -1,5 +1,6 @@
-"""Models the benchmarks share: the demo teacher (or a synthetic Llama of similar shape when it is
-not installed) and a student cut from it with evenly spaced layers."""
+"""What the benchmarks share: the demo teacher (or a synthetic Llama of similar shape when it is
+not installed) and a student cut from it with evenly spaced layers; writing a section of
+``docs/benchmarks.md``."""
 
 from __future__ import annotations
 
@@ -26,3 +27,18 @@ def teacher_and_student(student_layers: int):
     k = max(1, min(student_layers, n))
     keep = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
     return teacher, cut_student(teacher, keep), tok, name
+
+
+def write_section(path: Path, md: str, heading: str) -> None:
+    """Replace the section of ``path`` that starts with the line ``heading`` (up to the next '## '
+    heading) by ``md``, or append ``md``."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    lines = text.splitlines()
+    start = next((i for i, l in enumerate(lines) if l.strip().startswith(heading)), None)
+    if start is None:
+        new = text.rstrip("\n") + "\n\n" + md
+    else:
+        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
+        new = "\n".join(lines[:start] + md.rstrip("\n").splitlines() + [""] + lines[end:]) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new)

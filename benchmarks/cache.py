@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_models import teacher_and_student
+from bench_models import teacher_and_student, write_section
 
 
 def _rows(n: int) -> list[dict]:
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     print(md)
     print(json.dumps(result), file=sys.stderr)
     if args.write:
-        _write_section(Path(args.write), md)
+        write_section(Path(args.write), md, "## Teacher cache")
     return 0
 
 
@@ -192,20 +192,6 @@ def _markdown(r: dict, fidelity: dict, argv) -> str:
         lines.append(f"| {d} | {T:g} | {rel:.1e} | {a:.4f} | {full:.4f} |")
     lines.append("")
     return "\n".join(lines)
-
-
-def _write_section(path: Path, md: str) -> None:
-    """Replace the '## Teacher cache' section (up to the next '## ' heading) or append it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines()
-    start = next((i for i, l in enumerate(lines) if l.strip() == "## Teacher cache"), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + md
-    else:
-        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
-        new = "\n".join(lines[:start] + md.rstrip("\n").splitlines() + [""] + lines[end:]) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
 
 
 if __name__ == "__main__":

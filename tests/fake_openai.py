@@ -133,6 +133,8 @@ class FakeOpenAI:
                     modes = server.plan.get(key)
                     mode = modes.pop(0) if modes else "ok"
                     server.requests.append({"prompt": key, "mode": mode, "t": time.time(), "body": body})
+                if server.delay:
+                    time.sleep(server.delay)
                 if mode in ("500", "503"):
                     return self._send(int(mode), {"error": {"message": "server error"}})
                 if mode == "malformed":

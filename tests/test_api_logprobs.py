@@ -240,3 +240,26 @@ def test_a_served_teacher_mixes_with_a_local_one(tiny, served, tmp_path):
     rep = run(load_config(base=cfg), progress=False)
     assert rep["teacher"]["kind"] == "local" and rep["training"]["steps"] == 2
     assert sum(1 for r in srv.requests if r["body"].get("prompt_logprobs")) == 2 * 8  # two batches of 8 rows
+
+
+@pytest.mark.parametrize("ga", [1, 2])
+def test_prefetch_changes_nothing_but_when_requests_are_made(tiny, served, tmp_path, ga):
+    """teacher.api.prefetch asks for the next micro-batches' log-probs while the student trains: the
+    losses are the same as without it, every sequence is asked for once, and (with a slow server)
+    each later step's batches were already requested when their turn came."""
+    srv, _, _ = served
+    srv.delay = 0.05
+    runs = {}
+    for prefetch in (False, True):
+        out = tmp_path / f"p{prefetch}"
+        cfg = served_config(tiny, srv, out, train={"max_steps": 4, "batch_size": 4, "gradient_accumulation_steps": ga},
+                            eval={"generate": False, "speed_prompts": 0}, data={"max_eval_rows": 2})
+        cfg["teacher"]["api"]["prefetch"] = prefetch
+        n0 = len(srv.requests)
+        rep = run(load_config(base=cfg), progress=False)
+        losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[prefetch] = (losses, len(srv.requests) - n0, rep["method_summary"]["served_teacher"])
+    assert runs[True][0] == runs[False][0]  # exactly the same numbers
+    assert runs[True][1] == runs[False][1]  # no sequence asked for twice, none skipped
+    assert runs[False][2]["prefetched_batches"] == 0
+    assert runs[True][2]["prefetched_batches"] == 4 * ga  # every micro-batch was requested ahead of its loss

@@ -48,6 +48,9 @@ class TeacherApiConfig(Section):
         None, ge=1, le=4096, description="white-box signal from a vLLM server: the teacher's top-k log-probs of every "
         "token (POST /completions with prompt_logprobs) for methods logit and on_policy and for cache-teacher; "
         "vLLM allows at most its --max-logprobs (default 20); none = text only")
+    prefetch: bool = Field(
+        True, description="with logprobs: ask for the next micro-batches' log-probs while the student trains on "
+        "this one (hides the server's latency; the same numbers either way)")
 
 
 class TeacherConfig(Section):

@@ -145,6 +145,7 @@ def train(
             g += 1
 
     stream = micro_batches(cursor)
+    early: list[dict] = []  # the next step's micro-batches, already shown to method.lookahead
     bar = None
     if progress and acc.is_main_process:
         from tqdm.auto import tqdm
@@ -156,7 +157,11 @@ def train(
     model.train()
     while step < total_steps:
         # 1. the micro-batches of this optimizer step, and the global item count
-        group = [method.prepare_batch(next(stream), model) for _ in range(ga)]
+        group = [method.prepare_batch(b, model) for b in (early or [next(stream) for _ in range(ga)])]
+        early = []
+        if method.looks_ahead and step + 1 < total_steps:  # the cursor counts only what is trained: resume
+            early = [next(stream) for _ in range(ga)]     # is unchanged
+            method.lookahead(early)
         counts = torch.tensor([method.num_items(b) for b in group], device=acc.device, dtype=torch.float32)
         n_global = acc.reduce(counts.sum(), reduction="sum") if world > 1 else counts.sum()
         n_global = n_global.clamp(min=1.0)

@@ -93,6 +93,7 @@ class Method:
     """Base class: supervised on the batch's own labels (cross-entropy). Override :meth:`loss`."""
 
     name = "base"
+    looks_ahead = False  # True: the trainer hands over the next step's micro-batches early (lookahead)
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
@@ -108,6 +109,11 @@ class Method:
     def prepare_batch(self, batch: dict, model: nn.Module) -> dict:
         """Hook to replace or extend a batch before the loss (e.g. with student samples)."""
         return batch
+
+    def lookahead(self, batches: list[dict]) -> None:
+        """With ``looks_ahead``: the next optimizer step's micro-batches (as they come from the data,
+        before :meth:`prepare_batch`), given while this step trains, so that slow work for them (a
+        served teacher's log-probs) can start early. It must not change what they will compute."""
 
     def num_items(self, batch: dict) -> int:
         """What the loss is averaged over: here, trained tokens (labels != -100)."""

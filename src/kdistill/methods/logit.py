@@ -34,6 +34,18 @@ class LogitMethod(Method):
         self.fused_setting = lc.fused
         self.chunk_size = lc.chunk_size
         self._init_features(ctx)
+        # a served teacher answers over HTTP: ask for a batch's log-probs as soon as the batch is known
+        self.prefetch = getattr(ctx.teacher, "prefetch", None)
+        self.looks_ahead = self.prefetch is not None
+
+    def prepare_batch(self, batch: dict, model) -> dict:
+        if self.prefetch is not None:  # this step's later micro-batches are asked for while earlier ones train
+            self.prefetch(batch)
+        return batch
+
+    def lookahead(self, batches: list[dict]) -> None:
+        for b in batches:
+            self.prefetch(b)
 
     def _init_features(self, ctx: RunContext) -> None:
         from kdistill.teachers.local import LocalTeacher
@@ -114,12 +126,17 @@ class LogitMethod(Method):
         return loss + fc.weight * f, {"feature_loss": value}
 
     def summary(self) -> dict:
+        from kdistill.teachers.api_logprobs import ApiLogprobTeacher
+
+        out = {}
+        if isinstance(self.ctx.teacher, ApiLogprobTeacher):  # requests, retries, batches asked for ahead of time
+            out["served_teacher"] = self.ctx.teacher.summary()
         if self.feature_pairs is None:
-            return {}
+            return out
         h = self.feature_history
         k = max(1, len(h) // 5)
         fc = self.ctx.cfg.features
-        return {"features": {
+        return {**out, "features": {
             "pairs": [list(p) for p in self.feature_pairs], "loss": fc.loss, "weight": fc.weight,
             "adapter_params": sum(p.numel() for p in self.adapters.parameters()) if self.adapters is not None else 0,
             "feature_loss_first": round(sum(h[:k]) / k, 6) if h else None,

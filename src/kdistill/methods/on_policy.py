@@ -35,6 +35,7 @@ class OnPolicyMethod(LogitMethod):
 
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
+        self.looks_ahead = False  # which sequences a step trains on is decided when it is prepared
         oc = ctx.cfg.on_policy
         self.lam = float(oc.lambda_)
         self.seq_kd = bool(oc.seq_kd)
@@ -100,11 +101,14 @@ class OnPolicyMethod(LogitMethod):
         self.counts["batches"] += 1
         if self._draw():
             self.counts["student"] += 1
-            return self.sampled_batch(batch, model, "student")
-        if self.seq_kd:
+            batch = self.sampled_batch(batch, model, "student")
+        elif self.seq_kd:
             self.counts["teacher"] += 1
-            return self.sampled_batch(batch, self.ctx.teacher.model, "teacher")
-        self.counts["dataset"] += 1
+            batch = self.sampled_batch(batch, self.ctx.teacher.model, "teacher")
+        else:
+            self.counts["dataset"] += 1
+        if self.prefetch is not None:  # a served teacher scores this batch while the next one is sampled
+            self.prefetch(batch)
         return batch
 
     # -- loss ---------------------------------------------------------------------------------

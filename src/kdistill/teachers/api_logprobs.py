@@ -20,6 +20,7 @@ with the server's reason, as training on a partial signal would be silent damage
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
@@ -106,6 +107,11 @@ class ApiLogprobTeacher:
         self.top_k = min(int(cfg.logprobs), vocab_size)
         self.api = ApiLogprobs(cfg, self.top_k)
         self.name = name or f"api:{cfg.model} @ {cfg.base_url} (top-{self.top_k} log-probs)"
+        # every request goes through one worker thread, so a prefetched batch and one asked for now
+        # never race; prefetch() queues work there ahead of time
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdistill-served-teacher")
+        self._pending: dict[tuple, Future] = {}
+        self.prefetched = 0  # batches whose log-probs were asked for ahead of time and then used
 
     def check_tokenizer(self, tokenizer) -> str:
         """Compare the server's tokenization of a probe text with ``tokenizer`` (vLLM's ``/tokenize``);
@@ -173,12 +179,34 @@ class ApiLogprobTeacher:
                 todo.append((b, pos, ids[b, : int(pos.max()) + 2].tolist()))
         return todo
 
+    def _submit(self, seqs: list[list[int]]) -> Future:
+        return self._pool.submit(self.sequence_logprobs, seqs)
+
+    def prefetch(self, batch: dict) -> None:
+        """Start asking for ``batch``'s log-probs in the background (``teacher.api.prefetch``); a later
+        :meth:`signal` for the same sequences takes the answer. Errors surface there."""
+        if not self.cfg.prefetch:
+            return
+        seqs = [s for _, _, s in self._trained(batch)]
+        key = tuple(map(tuple, seqs))
+        if seqs and key not in self._pending:
+            if len(self._pending) >= 64:  # never used (e.g. a batch replaced by samples): forget the oldest
+                self._pending.pop(next(iter(self._pending)))
+            self._pending[key] = self._submit(seqs)
+
+    def _fetch(self, todo: list) -> list:
+        seqs = [s for _, _, s in todo]
+        fut = self._pending.pop(tuple(map(tuple, seqs)), None)
+        if fut is not None:
+            self.prefetched += 1
+        return (fut or self._submit(seqs)).result()
+
     @torch.no_grad()
     def topk_at_labels(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(indices [N, k] long, logprobs [N, k] float32, own [N] float32)`` at the positions with a
         label, in row-major order (as :func:`kdistill.cache.teacher_topk` gives them)."""
         todo = self._trained(batch)
-        got = self.sequence_logprobs([s for _, _, s in todo])
+        got = self._fetch(todo)
         k = self.top_k
         parts_i = [torch.from_numpy(g[0][pos.numpy()]) for (_, pos, _), g in zip(todo, got)]
         parts_l = [torch.from_numpy(g[1][pos.numpy()]) for (_, pos, _), g in zip(todo, got)]
@@ -197,7 +225,7 @@ class ApiLogprobTeacher:
         indices = torch.arange(k, dtype=torch.long).expand(B, S, k).clone()
         logprobs = torch.full((B, S, k), -math.log(k), dtype=torch.float32)
         todo = self._trained(batch)
-        for (b, pos, _), (idx, lp, _) in zip(todo, self.sequence_logprobs([s for _, _, s in todo])):
+        for (b, pos, _), (idx, lp, _) in zip(todo, self._fetch(todo)):
             indices[b, pos] = torch.from_numpy(idx[pos.numpy()])
             logprobs[b, pos] = torch.from_numpy(lp[pos.numpy()])
         dev = labels.device
@@ -215,4 +243,4 @@ class ApiLogprobTeacher:
         return math.exp(total / n) if n else None
 
     def summary(self) -> dict:
-        return self.api.summary()
+        return {**self.api.summary(), "prefetched_batches": self.prefetched}

@@ -103,6 +103,12 @@ class MultiTeacher:
         ks = [t.top_k for t in self.teachers if getattr(t, "top_k", None)]
         self.top_k = max(ks) if ks else None  # set when any teacher is a cache
 
+    def prefetch(self, batch: dict) -> None:
+        """Let the teachers that can (a served one) start on ``batch`` ahead of time."""
+        for t in self.teachers:
+            if hasattr(t, "prefetch"):
+                t.prefetch(batch)
+
     @torch.no_grad()
     def signal(self, batch: dict, hidden: bool = True) -> TeacherSignal:
         if self.mode == "sum":
