@@ -263,3 +263,26 @@ def test_prefetch_changes_nothing_but_when_requests_are_made(tiny, served, tmp_p
     assert runs[True][1] == runs[False][1]  # no sequence asked for twice, none skipped
     assert runs[False][2]["prefetched_batches"] == 0
     assert runs[True][2]["prefetched_batches"] == 4 * ga  # every micro-batch was requested ahead of its loss
+
+
+def test_on_policy_filter_scores_candidates_with_the_served_teacher(tiny, served, tmp_path):
+    """scorer: loglik with a vLLM server: each candidate's score is the served teacher's mean
+    log-likelihood of it, the same number the local model gives; the best one is kept."""
+    from kdistill.feedback import completion_feature, loglik_scores
+
+    srv, teacher, tok = served
+    out = tmp_path / "opf"
+    cfg = served_config(tiny, srv, out, method="on_policy_filter", train={"max_steps": 1},
+                        eval={"generate": False, "speed_prompts": 0}, data={"max_eval_rows": 2},
+                        on_policy_filter={"rounds": 1, "n": 2, "keep": 1, "max_new_tokens": 5, "prompts_per_round": 4})
+    rep = run(load_config(base=cfg), progress=False)
+    rdir = out / "on_policy_filter" / "round-1"
+    cands = [json.loads(l) for l in (rdir / "candidates.jsonl").read_text().splitlines()]
+    kept = {json.loads(l)["prompt_id"]: json.loads(l) for l in (rdir / "kept.jsonl").read_text().splitlines()}
+    assert len(cands) == 4 and rep["method_summary"]["scorer"] == "loglik"
+    for row in cands:
+        feats = [completion_feature(row["prompt_ids"], c["completion_ids"]) for c in row["candidates"]]
+        local = loglik_scores(teacher, feats, tok.pad_token_id, len(tok))
+        assert [c["score"] for c in row["candidates"]] == pytest.approx(local, abs=1e-4)
+        assert kept[row["id"]]["score"] == max(c["score"] for c in row["candidates"])
+    assert rep["teacher"]["kind"] == "api" and "perplexity" in rep["teacher"]["metrics"]

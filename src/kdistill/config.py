@@ -46,7 +46,8 @@ class TeacherApiConfig(Section):
     extra_body: dict[str, Any] = Field(default_factory=dict, description="extra request fields, e.g. {top_p: 0.9, seed: 0}")
     logprobs: Optional[int] = Field(
         None, ge=1, le=4096, description="white-box signal from a vLLM server: the teacher's top-k log-probs of every "
-        "token (POST /completions with prompt_logprobs) for methods logit and on_policy and for cache-teacher; "
+        "token (POST /completions with prompt_logprobs) for methods logit and on_policy, for candidate scores in "
+        "on_policy_filter / self_distill, and for cache-teacher; "
         "vLLM allows at most its --max-logprobs (default 20); none = text only")
     prefetch: bool = Field(
         True, description="with logprobs: ask for the next micro-batches' log-probs while the student trains on "

@@ -76,16 +76,27 @@ def score_candidates(kind: str, ctx: RunContext, model, prompts: list[str], feat
                                              for p, a in zip(prompts, texts)], rc.scale)
             return [r if r is not None else 0.0 for r in ratings]  # unrated: below every rating
         return judge_scores(model, ctx.tokenizer, judge_renderer(ctx), prompts, texts, template, rc.scale, bs)
+    if model is None and served_teacher(ctx) is not None:  # a vLLM server: the same mean, from its log-probs
+        return served_teacher(ctx).mean_loglik(feats, ctx.tokenizer.pad_token_id, bs)
     if model is None:
-        raise ValueError(f"scorer {kind}: needs the teacher's token probabilities (teacher.model); an API teacher "
-                         "can only judge (scorer: judge)")
+        raise ValueError(f"scorer {kind}: needs the teacher's token probabilities (teacher.model, or a vLLM server "
+                         "with teacher.api.logprobs); a text-only API teacher can only judge (scorer: judge)")
     return loglik_scores(model, feats, ctx.tokenizer.pad_token_id, ctx.vocab_size, bs)
 
 
+def served_teacher(ctx: RunContext):
+    """The run's teacher when it is a vLLM server giving log-probs (teacher.api.logprobs), or None."""
+    from kdistill.teachers.api_logprobs import ApiLogprobTeacher
+
+    return ctx.teacher if isinstance(ctx.teacher, ApiLogprobTeacher) else None
+
+
 def api_teacher(ctx: RunContext):
-    """The text-only API teacher of the run, or None."""
+    """The teacher as text over HTTP (answers, ratings): a text-only API teacher, or a served one's chat side."""
     from kdistill.teachers.api import ApiTextTeacher
 
+    if served_teacher(ctx) is not None:
+        return served_teacher(ctx).text
     return ctx.teacher if isinstance(ctx.teacher, ApiTextTeacher) else None
 
 
@@ -107,8 +118,10 @@ class RoundsMethod(Method):
             from kdistill.vllm_engine import import_vllm
 
             import_vllm(f"{self.name}.engine")  # fail before any work when it is missing
-        if self.scorer_kind() != "self" and not (self.scorer_kind() == "judge" and api_teacher(ctx) is not None):
-            teacher_model(ctx, f"{self.name} with scorer {self.scorer_kind()}")
+        kind = self.scorer_kind()
+        over_http = (kind == "judge" and api_teacher(ctx) is not None) or served_teacher(ctx) is not None
+        if kind != "self" and not over_http:
+            teacher_model(ctx, f"{self.name} with scorer {kind}")
 
     # -- subclass hooks -------------------------------------------------------------------------
     def n_rounds(self) -> int:
@@ -218,8 +231,10 @@ class RoundsMethod(Method):
                          "resumed_from": resumed, "stopped_early": False, "rounds": self.n_rounds()}
 
     def summary(self) -> dict:
-        api = api_teacher(self.ctx)
+        served = served_teacher(self.ctx)
+        api = served._text if served is not None else api_teacher(self.ctx)  # the chat side, if it was used
         return {
+            **({"served_teacher": served.summary()} if served is not None else {}),
             **({"api_judge": dict(api.stats)} if api is not None else {}),
             "scorer": self.sc.scorer,
             "candidates_per_prompt": self.sc.n,

@@ -101,8 +101,10 @@ class ApiLogprobTeacher:
 
     can_fuse = True  # a top-k signal works with the student's fused (hidden-state) loss path
 
-    def __init__(self, cfg, vocab_size: int, name: Optional[str] = None):
+    def __init__(self, cfg, vocab_size: int, name: Optional[str] = None, system_prompt: Optional[str] = None):
         self.cfg = cfg
+        self.system_prompt = system_prompt
+        self._text = None
         self.vocab_size = vocab_size
         self.top_k = min(int(cfg.logprobs), vocab_size)
         self.api = ApiLogprobs(cfg, self.top_k)
@@ -230,6 +232,29 @@ class ApiLogprobTeacher:
             logprobs[b, pos] = torch.from_numpy(lp[pos.numpy()])
         dev = labels.device
         return TeacherSignal(topk=TopK(indices.to(dev), logprobs.to(dev)))
+
+    @property
+    def text(self):
+        """The same server as a text teacher (chat answers, ratings): :class:`~kdistill.teachers.api.ApiTextTeacher`."""
+        if self._text is None:
+            from kdistill.teachers.api import ApiTextTeacher
+
+            self._text = ApiTextTeacher(self.cfg, self.system_prompt)
+        return self._text
+
+    def mean_loglik(self, features: list[dict], pad_id: int, batch_size: int = 8) -> list[float]:
+        """Per row: the teacher's mean log-likelihood of its trained tokens (e.g. a candidate answer),
+        as :func:`kdistill.feedback.loglik_scores` computes it with a local model."""
+        scores: list[float] = []
+        for a in range(0, len(features), batch_size):
+            chunk = features[a: a + batch_size]
+            batch = collate(chunk, pad_id)
+            counts = (batch["labels"] != IGNORE_INDEX).sum(-1).tolist()
+            _, _, own = self.topk_at_labels(batch)
+            own = torch.nan_to_num(own.double(), nan=-1e4)  # a token the server gave no log-prob for: very unlikely
+            for part in torch.split(own, counts):
+                scores.append(float(part.mean()) if part.numel() else 0.0)
+        return scores
 
     def perplexity(self, features: list[dict], pad_id: int, batch_size: int = 8) -> Optional[float]:
         """The teacher's perplexity of the trained tokens of ``features`` (from each token's own log-prob;

@@ -29,7 +29,8 @@ log = logging.getLogger("kdistill")
 CACHE_METHODS = ("logit",)  # methods that train on the dataset's own sequences (what a cache covers)
 # methods that can work with a text-only teacher (teacher.api alone): its answers and its ratings
 TEXT_TEACHER_METHODS = ("zephyr", "on_policy_filter", "self_distill")
-LOGPROB_API_METHODS = ("logit", "on_policy")  # methods a served teacher's top-k log-probs can train
+# methods a served teacher's top-k log-probs can train (logit, on_policy) or score candidates for (the rounds)
+LOGPROB_API_METHODS = ("logit", "on_policy", "on_policy_filter", "self_distill")
 
 
 def api_logprobs(spec) -> bool:
@@ -123,7 +124,7 @@ def build_teacher(cfg, m, features: list[dict], device=None, say: Callable[[str]
     from kdistill.teachers.local import LocalTeacher
     from kdistill.teachers.multi import MultiTeacher
 
-    if api_text_only(cfg) and cfg.method in TEXT_TEACHER_METHODS:
+    if api_text_only(cfg) and not api_logprobs(cfg.teacher) and cfg.method in TEXT_TEACHER_METHODS:
         from kdistill.teachers.api import ApiTextTeacher
 
         return ApiTextTeacher(cfg.teacher.api, cfg.data.system_prompt)
@@ -141,7 +142,7 @@ def build_teacher(cfg, m, features: list[dict], device=None, say: Callable[[str]
             if cfg.features.weight > 0:
                 raise ConfigError(f"features: feature distillation needs the teacher's hidden states; {key} is served "
                                   "over HTTP (log-probs only)")
-            t = ApiLogprobTeacher(spec.api, m.vocab_size)
+            t = ApiLogprobTeacher(spec.api, m.vocab_size, system_prompt=cfg.data.system_prompt)
             checked = t.check_tokenizer(m.tokenizer)
             say(f"{key}: {t.name}; {checked}")
             names.append(f"api:{spec.api.model}")
