@@ -286,3 +286,17 @@ def test_on_policy_filter_scores_candidates_with_the_served_teacher(tiny, served
         assert [c["score"] for c in row["candidates"]] == pytest.approx(local, abs=1e-4)
         assert kept[row["id"]]["score"] == max(c["score"] for c in row["candidates"])
     assert rep["teacher"]["kind"] == "api" and "perplexity" in rep["teacher"]["metrics"]
+
+
+def test_zephyr_uses_a_served_teacher_as_text(tiny, served, tmp_path):
+    """zephyr needs the teacher's answers and ratings, not log-probs: a served-teacher config works
+    through its chat endpoint, and the run says that logprobs is not used."""
+    from kdistill.teachers.api import ApiTextTeacher
+    from kdistill.teachers.build import build_teacher, load_student_only
+
+    srv, _, _ = served
+    cfg = load_config(base=served_config(tiny, srv, tmp_path / "z", method="zephyr"))
+    said: list[str] = []
+    m = load_student_only(cfg, said.append)
+    assert any("logprobs is not used by method zephyr" in s for s in said)
+    assert isinstance(build_teacher(cfg, m, [], say=said.append), ApiTextTeacher)

@@ -75,11 +75,13 @@ def load_student_only(cfg, say: Callable[[str], None] = log.info):
     from kdistill.pipeline import Models
 
     specs = teacher_configs(cfg)
-    text_only = api_text_only(cfg) and cfg.method in TEXT_TEACHER_METHODS
-    served = [t for t in specs if api_logprobs(t)]
-    if served and cfg.method not in LOGPROB_API_METHODS:
+    served = [t for t in specs if api_logprobs(t)] if cfg.method in LOGPROB_API_METHODS else []
+    text_only = api_text_only(cfg) and cfg.method in TEXT_TEACHER_METHODS and not served
+    if any(api_logprobs(t) for t in specs) and not served and not text_only:
         raise ConfigError(f"teacher.api.logprobs: a served teacher's log-probs train methods "
                           f"{', '.join(LOGPROB_API_METHODS)}; method {cfg.method} cannot use them")
+    if text_only and api_logprobs(cfg.teacher):
+        say(f"teacher.api.logprobs is not used by method {cfg.method}: it needs the teacher's answers and ratings")
     if not any(t.cache for t in specs) and not text_only and not served:
         if getattr(cfg.teacher, "api", None) is not None:
             raise ConfigError(
@@ -124,7 +126,8 @@ def build_teacher(cfg, m, features: list[dict], device=None, say: Callable[[str]
     from kdistill.teachers.local import LocalTeacher
     from kdistill.teachers.multi import MultiTeacher
 
-    if api_text_only(cfg) and not api_logprobs(cfg.teacher) and cfg.method in TEXT_TEACHER_METHODS:
+    if api_text_only(cfg) and cfg.method in TEXT_TEACHER_METHODS and not (
+            api_logprobs(cfg.teacher) and cfg.method in LOGPROB_API_METHODS):
         from kdistill.teachers.api import ApiTextTeacher
 
         return ApiTextTeacher(cfg.teacher.api, cfg.data.system_prompt)
