@@ -232,7 +232,7 @@ class RoundsMethod(Method):
 
     def summary(self) -> dict:
         served = served_teacher(self.ctx)
-        api = served._text if served is not None else api_teacher(self.ctx)  # the chat side, if it was used
+        api = served.text_if_used if served is not None else api_teacher(self.ctx)
         return {
             **({"served_teacher": served.summary()} if served is not None else {}),
             **({"api_judge": dict(api.stats)} if api is not None else {}),

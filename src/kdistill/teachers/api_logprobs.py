@@ -242,6 +242,11 @@ class ApiLogprobTeacher:
             self._text = ApiTextTeacher(self.cfg, self.system_prompt)
         return self._text
 
+    @property
+    def text_if_used(self):
+        """The chat side if anything asked for it (its request figures belong in a report), else None."""
+        return self._text
+
     def mean_loglik(self, features: list[dict], pad_id: int, batch_size: int = 8) -> list[float]:
         """Per row: the teacher's mean log-likelihood of its trained tokens (e.g. a candidate answer),
         as :func:`kdistill.feedback.loglik_scores` computes it with a local model."""

@@ -9,8 +9,9 @@
   student (``student.init``) and to evaluate the teacher and the initial student, freed while the
   student trains, and loaded again for the final evaluation.
 * ``teacher: {api: {..., logprobs: K}}``: the teacher's top-K log-probs come from a vLLM server
-  (:class:`~kdistill.teachers.api_logprobs.ApiLogprobTeacher`, methods logit and on_policy); no
-  teacher model is loaded and the student is ``student.model``.
+  (:class:`~kdistill.teachers.api_logprobs.ApiLogprobTeacher`; methods logit and on_policy train on
+  them, on_policy_filter and self_distill score candidates with them); no teacher model is loaded
+  and the student is ``student.model``. Methods that need only text (zephyr) use its chat side.
 * ``teachers: [...]``: several of the above with weights (:class:`MultiTeacher`). The first
   teacher with a ``model`` is "the teacher" of the report and the one a student is cut from.
 
@@ -37,6 +38,11 @@ def api_logprobs(spec) -> bool:
     """This teacher's signal is top-k log-probs from a vLLM server (``api.logprobs``, no model or cache)."""
     api = getattr(spec, "api", None)
     return api is not None and api.logprobs is not None and spec.model is None and spec.cache is None
+
+
+def _served_method_error(key: str, method: str) -> ConfigError:
+    return ConfigError(f"{key}.api.logprobs: a served teacher's log-probs serve methods {', '.join(LOGPROB_API_METHODS)}; "
+                       f"method {method} cannot use them")
 
 
 def api_text_only(cfg) -> bool:
@@ -78,8 +84,7 @@ def load_student_only(cfg, say: Callable[[str], None] = log.info):
     served = [t for t in specs if api_logprobs(t)] if cfg.method in LOGPROB_API_METHODS else []
     text_only = api_text_only(cfg) and cfg.method in TEXT_TEACHER_METHODS and not served
     if any(api_logprobs(t) for t in specs) and not served and not text_only:
-        raise ConfigError(f"teacher.api.logprobs: a served teacher's log-probs train methods "
-                          f"{', '.join(LOGPROB_API_METHODS)}; method {cfg.method} cannot use them")
+        raise _served_method_error("teacher", cfg.method)
     if text_only and api_logprobs(cfg.teacher):
         say(f"teacher.api.logprobs is not used by method {cfg.method}: it needs the teacher's answers and ratings")
     if not any(t.cache for t in specs) and not text_only and not served:
@@ -140,8 +145,7 @@ def build_teacher(cfg, m, features: list[dict], device=None, say: Callable[[str]
             from kdistill.teachers.api_logprobs import ApiLogprobTeacher
 
             if cfg.method not in LOGPROB_API_METHODS:
-                raise ConfigError(f"{key}.api.logprobs: a served teacher's log-probs train methods "
-                                  f"{', '.join(LOGPROB_API_METHODS)}; method {cfg.method} cannot use them")
+                raise _served_method_error(key, cfg.method)
             if cfg.features.weight > 0:
                 raise ConfigError(f"features: feature distillation needs the teacher's hidden states; {key} is served "
                                   "over HTTP (log-probs only)")
