@@ -23,7 +23,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import torch
@@ -41,30 +40,6 @@ def _rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def served_logprobs(model):
-    """``(ids, k) -> prompt_logprobs`` as vLLM returns them, memoized (the warm-up fills the memo)."""
-    memo: dict = {}
-    lock = threading.Lock()
-
-    def answer(ids: list[int], k: int) -> list:
-        key = (tuple(ids), k)
-        with lock:
-            if key not in memo:
-                with torch.no_grad():
-                    lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
-                out: list = [None]
-                for j in range(1, len(ids)):
-                    top = lp[j - 1].topk(k)
-                    d = {str(int(t)): {"logprob": float(v), "rank": r + 1}
-                         for r, (t, v) in enumerate(zip(top.indices, top.values))}
-                    d.setdefault(str(int(ids[j])), {"logprob": float(lp[j - 1, ids[j]]), "rank": k + 1})
-                    out.append(d)
-                memo[key] = out
-            return memo[key]
-
-    return answer
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--latency", type=float, default=0.5, help="seconds the server takes per request")
@@ -78,7 +53,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from fake_openai import FakeOpenAI
+    from fake_openai import FakeOpenAI, model_prompt_logprobs
     from kdistill.config import load_config
     from kdistill.pipeline import run
 
@@ -93,7 +68,7 @@ def main(argv=None) -> int:
 
     os.environ["NO_PROXY"] = "127.0.0.1,localhost"
     srv = FakeOpenAI(model="served-teacher")
-    srv.prompt_logprobs = served_logprobs(teacher)
+    srv.prompt_logprobs = model_prompt_logprobs(teacher, memo=True)
     srv.tokenize = lambda text: tok.encode(text, add_special_tokens=False)
     srv.start()
 

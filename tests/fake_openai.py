@@ -164,6 +164,39 @@ class FakeOpenAI:
             return [r["prompt"] for r in self.requests]
 
 
+def model_prompt_logprobs(model, memo: bool = False) -> Callable[[list[int], int], list]:
+    """``(ids, k) -> prompt_logprobs`` as vLLM's /v1/completions returns them, computed by ``model``
+    (a causal LM): entry 0 is null; entry j maps token ids (strings) to ``{"logprob", "rank"}`` for
+    the top-k of the distribution over token j, plus token j itself when it is not among them.
+    ``memo``: keep every answer (a server that costs no compute the second time, for benchmarks)."""
+    import torch
+
+    lock = threading.Lock()
+    seen: dict = {}
+
+    def answer(ids: list[int], k: int) -> list:
+        with lock:  # the server is threaded; one forward at a time
+            if (tuple(ids), k) in seen:
+                return seen[(tuple(ids), k)]
+            with torch.no_grad():
+                lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+            out: list = [None]
+            for j in range(1, len(ids)):
+                row = lp[j - 1]
+                top = row.topk(k)
+                d = {str(int(t)): {"logprob": float(v), "rank": r + 1}
+                     for r, (t, v) in enumerate(zip(top.indices, top.values))}
+                own = int(ids[j])
+                if str(own) not in d:
+                    d[str(own)] = {"logprob": float(row[own]), "rank": int((row > row[own]).sum()) + 1}
+                out.append(d)
+            if memo:
+                seen[(tuple(ids), k)] = out
+            return out
+
+    return answer
+
+
 def free_port() -> int:
     """A port nothing listens on (bound then released)."""
     import socket

@@ -7,7 +7,6 @@ tiny teacher model itself, so every figure can be checked against the local mode
 from __future__ import annotations
 
 import json
-import threading
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ import torch
 import yaml
 
 from conftest import base_config, make_tokenizer
-from fake_openai import FakeOpenAI
+from fake_openai import FakeOpenAI, model_prompt_logprobs
 from kdistill.cache import TopKCache, cache_teacher, teacher_topk
 from kdistill.cli import main
 from kdistill.config import load_config
@@ -30,29 +29,6 @@ KEY = "sk-served-SECRET-4242"
 K = 8
 
 
-def vllm_prompt_logprobs(model):
-    """``(ids, k) -> prompt_logprobs`` as vLLM's /v1/completions returns them (keys are token ids as
-    strings; the prompt token is added when it is not in the top-k; entry 0 is null)."""
-    lock = threading.Lock()
-
-    def answer(ids: list[int], k: int) -> list:
-        with lock, torch.no_grad():
-            lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
-        out: list = [None]
-        for j in range(1, len(ids)):
-            row = lp[j - 1]
-            top = row.topk(k)
-            d = {str(int(t)): {"logprob": float(v), "rank": r + 1, "decoded_token": "?"}
-                 for r, (t, v) in enumerate(zip(top.indices, top.values))}
-            own = int(ids[j])
-            if str(own) not in d:
-                d[str(own)] = {"logprob": float(row[own]), "rank": int((row > row[own]).sum()) + 1, "decoded_token": "?"}
-            out.append(d)
-        return out
-
-    return answer
-
-
 @pytest.fixture()
 def served(tiny, monkeypatch):
     """A fake vLLM server for the tiny teacher (chat answers echo the reference-free prompt)."""
@@ -60,7 +36,7 @@ def served(tiny, monkeypatch):
     monkeypatch.setenv("KD_SERVED_KEY", KEY)
     teacher, tok = load_model(str(tiny / "teacher"))
     srv = FakeOpenAI(model="tiny-teacher", key=KEY)
-    srv.prompt_logprobs = vllm_prompt_logprobs(teacher)
+    srv.prompt_logprobs = model_prompt_logprobs(teacher)
     srv.tokenize = lambda text: tok.encode(text, add_special_tokens=False)
     srv.responder = lambda msgs: msgs[-1]["content"].split()[-2]  # "what is the first name A B" -> "A"
     srv.start()
@@ -139,6 +115,10 @@ def test_logit_run_from_a_served_teacher(tiny, served, tmp_path):
     served_losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
     cached_losses = [json.loads(l)["loss"] for l in (tmp_path / "from_cache" / "metrics.jsonl").read_text().splitlines()]
     assert len(served_losses) == 4 and served_losses == pytest.approx(cached_losses, rel=1e-2)
+    # a rerun (training complete) pays for nothing again: the teacher's held-out figures are kept
+    n = len(srv.requests)
+    assert run(load_config(base=cfg), progress=False)["teacher"]["metrics"] == rep["teacher"]["metrics"]
+    assert len(srv.requests) == n
     # `kdistill eval` against the served teacher: the same teacher figures, no training
     again = evaluate_only(load_config(base=dict(cfg, output_dir=str(tmp_path / "ev"),
                                                 student={"model": str(out / "student")})), say=lambda _: None)
@@ -156,11 +136,13 @@ def test_on_policy_sends_the_students_samples_to_the_server(tiny, served, tmp_pa
                         on_policy={"lambda": 1.0, "max_new_tokens": 6})
     rep = run(load_config(base=cfg), progress=False)
     assert rep["method_summary"]["on_policy_batches"] == 2
-    feats, _ = encode_examples(_renderer(load_config(base=cfg), tok), load_examples(tiny / "train.jsonl"))
-    dataset = {tuple(f["input_ids"]) for f in feats}
+    renderer = _renderer(load_config(base=cfg), tok)
+    dataset = {tuple(f["input_ids"]) for f in encode_examples(renderer, load_examples(tiny / "train.jsonl"))[0]}
+    held_out = {tuple(f["input_ids"]) for f in encode_examples(renderer, load_examples(tiny / "eval.jsonl"))[0]}
     sent = [tuple(r["body"]["prompt"]) for r in srv.requests if r["body"].get("prompt_logprobs")]
-    # training sequences are the student's samples: none of them is a dataset row (eval rows come after)
-    assert len(sent) >= 8 and not any(s in dataset for s in sent[:8])
+    trained = [s for s in sent if s not in held_out]  # the teacher's held-out perplexity is asked for too
+    # two steps of 4 rows, every sequence the student's sample: prompt + its completion, no dataset row
+    assert len(trained) == 8 and not any(s in dataset for s in trained)
 
 
 def test_cache_teacher_from_a_served_teacher_equals_the_local_cache(tiny, served, tmp_path):
@@ -244,9 +226,9 @@ def test_a_served_teacher_mixes_with_a_local_one(tiny, served, tmp_path):
 
 @pytest.mark.parametrize("ga", [1, 2])
 def test_prefetch_changes_nothing_but_when_requests_are_made(tiny, served, tmp_path, ga):
-    """teacher.api.prefetch asks for the next micro-batches' log-probs while the student trains: the
-    losses are the same as without it, every sequence is asked for once, and (with a slow server)
-    each later step's batches were already requested when their turn came."""
+    """teacher.api.prefetch: the losses are the same as without it, every sequence is asked for once,
+    and every micro-batch's answer was requested before its loss asked for it (the order of the
+    trainer's lookahead is tested in test_pipeline.py)."""
     srv, _, _ = served
     srv.delay = 0.05
     runs = {}

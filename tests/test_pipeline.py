@@ -228,3 +228,39 @@ def test_periodic_eval_and_best_student_selection(tiny, tmp_path):
     assert rep["student"]["metrics"]["kl_to_teacher"] == pytest.approx(evals[best_step], abs=1e-6)
     with pytest.raises(Exception, match="eval.select_best needs eval.every"):
         load_config(base=base_config(tiny, out, eval={"select_best": "accuracy"}))
+
+
+@pytest.mark.parametrize("ga", [1, 2])
+def test_trainer_shows_a_method_the_next_steps_batches_early(tiny, tmp_path, monkeypatch, ga):
+    """A teacher with ``prefetch`` (as a served one has) makes method logit look ahead: before a
+    step's teacher signal is asked for, the next step's micro-batches were already handed over, and
+    they are exactly the batches that step then trains on; nothing past the last step is drawn, and
+    the losses equal a run without lookahead."""
+    from kdistill.teachers.local import LocalTeacher
+
+    def go(tag):
+        cfg = base_config(tiny, tmp_path / tag, train={"max_steps": 3, "batch_size": 4, "gradient_accumulation_steps": ga},
+                          eval={"generate": False, "speed_prompts": 0}, data={"max_eval_rows": 2})
+        run(load_config(base=cfg), progress=False)
+        return [r["loss"] for r in _metrics(tmp_path / tag)]
+
+    plain = go("plain")
+    events: list = []
+    signal = LocalTeacher.signal
+
+    def recorded_signal(self, batch, *a, **k):
+        if batch.get("ids") and all(i is not None for i in batch["ids"]):
+            events.append(("signal", tuple(batch["ids"])))
+        return signal(self, batch, *a, **k)
+
+    monkeypatch.setattr(LocalTeacher, "prefetch", lambda self, b: events.append(("ahead", tuple(b["ids"]))),
+                        raising=False)
+    monkeypatch.setattr(LocalTeacher, "signal", recorded_signal)
+    assert go("ahead") == plain
+    trained = [key for kind, key in events if kind == "signal"]
+    assert len(trained) == 3 * ga and len(set(trained)) == 3 * ga
+    for s in range(2):  # steps 1 and 2: the next step's batches were handed over before this step's signal
+        first_signal = events.index(("signal", trained[s * ga]))
+        announced = [key for kind, key in events[:first_signal] if kind == "ahead"]
+        assert set(trained[(s + 1) * ga:(s + 2) * ga]) <= set(announced)
+    assert {key for kind, key in events if kind == "ahead"} == set(trained)  # nothing beyond the last step

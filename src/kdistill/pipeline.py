@@ -358,16 +358,21 @@ def api_teacher_eval(cfg: Config, rows: list[Example], out: Path, feats: Optiona
 
 def teacher_eval_without_model(cfg: Config, eval_rows: list[Example], out: Path, acc, teacher,
                                say: Callable[[str], None], eval_feats: Optional[list[dict]] = None,
-                               pad_id: int = 0) -> dict:
+                               pad_id: int = 0, keep: Optional[Path] = None) -> dict:
     """The teacher's held-out figures when no teacher model is loaded: an API teacher's from its
-    answers and log-probs (:func:`api_teacher_eval`), or what ``cache-teacher`` stored."""
+    answers and log-probs (:func:`api_teacher_eval`), or what ``cache-teacher`` stored.
+
+    ``keep``: a file for a served teacher's figures, so that a resumed run does not pay for its
+    held-out log-probs again (its answers are kept per row in any case).
+    """
     from kdistill.teachers.api import ApiTextTeacher
     from kdistill.teachers.api_logprobs import ApiLogprobTeacher
 
     if isinstance(teacher, (ApiTextTeacher, ApiLogprobTeacher)):
         served = teacher if isinstance(teacher, ApiLogprobTeacher) else None
-        with acc.main_process_first():  # answers are cached: asked once
-            return api_teacher_eval(cfg, eval_rows, out, eval_feats, served, pad_id)
+        ask = lambda: api_teacher_eval(cfg, eval_rows, out, eval_feats, served, pad_id)  # noqa: E731
+        with acc.main_process_first():  # asked once; the other processes find it on disk
+            return _cached(keep, ask) if served is not None and keep is not None else ask()
     return cached_teacher_eval(cfg, eval_rows, say)
 
 
@@ -501,7 +506,7 @@ def run(cfg: Config, say: Callable[[str], None] = log.info, progress: bool = Tru
     if m.teacher is None:  # an API teacher, or a cache
         teacher_ev = teacher_eval_without_model(cfg, eval_rows, out, acc, teacher,
                                                 say if acc.is_main_process else (lambda _: None), eval_feats,
-                                                m.tokenizer.pad_token_id)
+                                                m.tokenizer.pad_token_id, keep=out / "eval_teacher.json")
     else:
         teacher_ev = _cached(out / "eval_teacher.json",
                              lambda: model_metrics(m.teacher, m, cfg, eval_renderer, eval_rows, eval_feats, False, device))
@@ -603,16 +608,11 @@ def evaluate_only(cfg: Config, say: Callable[[str], None] = log.info) -> dict:
     if m.teacher is None:  # the teacher is only an API or a cache
         from accelerate import PartialState
 
-        from kdistill.teachers.build import TEXT_TEACHER_METHODS, api_logprobs, api_text_only
+        from kdistill.teachers.build import http_teacher
 
-        if api_text_only(cfg) and cfg.method in TEXT_TEACHER_METHODS:
-            from kdistill.teachers.api import ApiTextTeacher
-
-            teacher = ApiTextTeacher(cfg.teacher.api, cfg.data.system_prompt)
-        elif not cfg.teachers and api_logprobs(cfg.teacher):
-            from kdistill.teachers.api_logprobs import ApiLogprobTeacher
-
-            teacher = ApiLogprobTeacher(cfg.teacher.api, m.vocab_size)
+        teacher = http_teacher(cfg, m.vocab_size)
+        if hasattr(teacher, "check_tokenizer"):  # a served teacher's log-probs mean nothing under another tokenizer
+            say(f"teacher: {teacher.name}; {teacher.check_tokenizer(m.tokenizer)}")
         teacher_ev = teacher_eval_without_model(cfg, eval_rows, out, PartialState(), teacher, say, eval_feats,
                                                 m.tokenizer.pad_token_id)
     else:

@@ -247,8 +247,6 @@ def run_sequence(cfg: Config, say: Callable[[str], None] = log.info, progress: b
         summary["filters"] = filter_report
     if gen_summary is not None:
         summary["generation"] = {k: v for k, v in gen_summary.items() if k != "teacher"}
-    if unavailable:
-        summary["unavailable"] = unavailable
     rep = build_report("sequence", teacher, student_desc, t_ev, initial_ev, final_ev, eval_rows, cfg.eval.show_samples,
                        speed, training, summary, unavailable)
     if filter_report is not None:

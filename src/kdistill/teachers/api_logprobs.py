@@ -226,10 +226,8 @@ class ApiLogprobTeacher:
         k = self.top_k
         indices = torch.arange(k, dtype=torch.long).expand(B, S, k).clone()
         logprobs = torch.full((B, S, k), -math.log(k), dtype=torch.float32)
-        todo = self._trained(batch)
-        for (b, pos, _), (idx, lp, _) in zip(todo, self._fetch(todo)):
-            indices[b, pos] = torch.from_numpy(idx[pos.numpy()])
-            logprobs[b, pos] = torch.from_numpy(lp[pos.numpy()])
+        keep = (labels != IGNORE_INDEX).cpu()
+        indices[keep], logprobs[keep], _ = self.topk_at_labels(batch)  # row-major, as boolean indexing is
         dev = labels.device
         return TeacherSignal(topk=TopK(indices.to(dev), logprobs.to(dev)))
 
@@ -247,30 +245,29 @@ class ApiLogprobTeacher:
         """The chat side if anything asked for it (its request figures belong in a report), else None."""
         return self._text
 
+    def _own_logprobs(self, features: list[dict], pad_id: int, batch_size: int) -> list[torch.Tensor]:
+        """Per row: the teacher's log-prob of each of its trained tokens ``[n_row]`` (NaN where the
+        server did not return one)."""
+        rows: list[torch.Tensor] = []
+        for a in range(0, len(features), batch_size):
+            batch = collate(features[a: a + batch_size], pad_id)
+            counts = (batch["labels"] != IGNORE_INDEX).sum(-1).tolist()
+            rows += list(torch.split(self.topk_at_labels(batch)[2].double(), counts))
+        return rows
+
     def mean_loglik(self, features: list[dict], pad_id: int, batch_size: int = 8) -> list[float]:
         """Per row: the teacher's mean log-likelihood of its trained tokens (e.g. a candidate answer),
         as :func:`kdistill.feedback.loglik_scores` computes it with a local model."""
-        scores: list[float] = []
-        for a in range(0, len(features), batch_size):
-            chunk = features[a: a + batch_size]
-            batch = collate(chunk, pad_id)
-            counts = (batch["labels"] != IGNORE_INDEX).sum(-1).tolist()
-            _, _, own = self.topk_at_labels(batch)
-            own = torch.nan_to_num(own.double(), nan=-1e4)  # a token the server gave no log-prob for: very unlikely
-            for part in torch.split(own, counts):
-                scores.append(float(part.mean()) if part.numel() else 0.0)
-        return scores
+        own = self._own_logprobs(features, pad_id, batch_size)
+        # a token the server gave no log-prob for counts as very unlikely
+        return [float(torch.nan_to_num(r, nan=-1e4).mean()) if r.numel() else 0.0 for r in own]
 
     def perplexity(self, features: list[dict], pad_id: int, batch_size: int = 8) -> Optional[float]:
-        """The teacher's perplexity of the trained tokens of ``features`` (from each token's own log-prob;
-        None when the server returned none)."""
-        total, n = 0.0, 0
-        for a in range(0, len(features), batch_size):
-            _, _, own = self.topk_at_labels(collate(features[a: a + batch_size], pad_id))
-            own = own[torch.isfinite(own)]
-            total -= float(own.double().sum())
-            n += own.numel()
-        return math.exp(total / n) if n else None
+        """The teacher's perplexity of the trained tokens of ``features`` (token-weighted; None when the
+        server returned no log-prob for them)."""
+        own = torch.cat(self._own_logprobs(features, pad_id, batch_size) or [torch.zeros(0, dtype=torch.float64)])
+        own = own[torch.isfinite(own)]
+        return math.exp(-float(own.mean())) if own.numel() else None
 
     def summary(self) -> dict:
         return {**self.api.summary(), "prefetched_batches": self.prefetched}

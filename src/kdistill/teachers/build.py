@@ -51,6 +51,27 @@ def api_text_only(cfg) -> bool:
             and cfg.teacher.cache is None)
 
 
+def text_teacher_only(cfg) -> bool:
+    """The run uses the teacher only as text over HTTP (its answers and ratings): an API-only teacher
+    with a method that needs no more, or whose log-probs (``api.logprobs``) this method cannot use."""
+    return (api_text_only(cfg) and cfg.method in TEXT_TEACHER_METHODS
+            and not (api_logprobs(cfg.teacher) and cfg.method in LOGPROB_API_METHODS))
+
+
+def http_teacher(cfg, vocab_size: int):
+    """The teacher object when the run's one teacher is an HTTP API: the text teacher
+    (:func:`text_teacher_only`), a served one giving log-probs, or None (not an API-only teacher)."""
+    if text_teacher_only(cfg):
+        from kdistill.teachers.api import ApiTextTeacher
+
+        return ApiTextTeacher(cfg.teacher.api, cfg.data.system_prompt)
+    if not cfg.teachers and api_logprobs(cfg.teacher) and cfg.method in LOGPROB_API_METHODS:
+        from kdistill.teachers.api_logprobs import ApiLogprobTeacher
+
+        return ApiLogprobTeacher(cfg.teacher.api, vocab_size, system_prompt=cfg.data.system_prompt)
+    return None
+
+
 def teacher_configs(cfg) -> list:
     """The configured teachers: ``teachers`` when given, else ``[teacher]``."""
     return list(cfg.teachers) if cfg.teachers else [cfg.teacher]
@@ -82,7 +103,7 @@ def load_student_only(cfg, say: Callable[[str], None] = log.info):
 
     specs = teacher_configs(cfg)
     served = [t for t in specs if api_logprobs(t)] if cfg.method in LOGPROB_API_METHODS else []
-    text_only = api_text_only(cfg) and cfg.method in TEXT_TEACHER_METHODS and not served
+    text_only = text_teacher_only(cfg)
     if any(api_logprobs(t) for t in specs) and not served and not text_only:
         raise _served_method_error("teacher", cfg.method)
     if text_only and api_logprobs(cfg.teacher):
@@ -131,11 +152,8 @@ def build_teacher(cfg, m, features: list[dict], device=None, say: Callable[[str]
     from kdistill.teachers.local import LocalTeacher
     from kdistill.teachers.multi import MultiTeacher
 
-    if api_text_only(cfg) and cfg.method in TEXT_TEACHER_METHODS and not (
-            api_logprobs(cfg.teacher) and cfg.method in LOGPROB_API_METHODS):
-        from kdistill.teachers.api import ApiTextTeacher
-
-        return ApiTextTeacher(cfg.teacher.api, cfg.data.system_prompt)
+    if text_teacher_only(cfg):
+        return http_teacher(cfg, m.vocab_size)
     specs = teacher_configs(cfg)
     prim = primary_teacher(cfg)
     built, names = [], []
