@@ -49,6 +49,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -386,12 +387,25 @@ def cache_vocab_size(model, tokenizer) -> int:
     return min(output_vocab_size(model), len(tokenizer))
 
 
+_OWN_FILE = re.compile(r"^(shard-\d{5,}\.npz|\.tmp-.*)$")  # what this writer ever creates besides its manifest
+
+
 def _open_for_writing(path: Path, meta: dict, say) -> tuple[dict, set[str]]:
-    """Existing manifest (validated, bad shards dropped, stray files removed) and the ids already done."""
+    """Existing manifest (validated, bad shards dropped, stray shards removed) and the ids already done.
+
+    A folder is only ever written into when it is new, empty, or already a kdistill cache (it has
+    the manifest, which a new cache writes before anything else): any other folder is refused, so
+    pointing ``cache.path`` at a data or run folder never touches the user's files. Cleanup only
+    removes this writer's own leftovers (unlisted ``shard-N.npz`` and ``.tmp-*`` files).
+    """
     path.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(path)
     if manifest is None:
+        if any(path.iterdir()):
+            raise CacheError(f"cache.path: {path} is not empty and is not a kdistill teacher cache (no manifest.json); "
+                             "give a new or empty folder (nothing in it was changed)")
         manifest = {**meta, "shards": [], "next_shard": 0}
+        write_manifest(path, manifest)
     else:
         for key in ("teacher", "tokenizer_fingerprint", "vocab_size", "top_k", "logprob_scale", "data"):
             if manifest.get(key) != meta[key]:
@@ -418,8 +432,8 @@ def _open_for_writing(path: Path, meta: dict, say) -> tuple[dict, set[str]]:
         done.update(ids)
         good.append(entry)
     listed = {e["file"] for e in good}
-    for f in path.iterdir():  # stray files: a shard renamed before its manifest update, or temp files
-        if f.is_file() and f.name not in ("manifest.json", "teacher_eval.json") and f.name not in listed:
+    for f in path.iterdir():  # leftovers: a shard renamed before its manifest update, or temp files
+        if f.is_file() and _OWN_FILE.match(f.name) and f.name not in listed:
             f.unlink(missing_ok=True)
     if len(good) != len(manifest["shards"]):
         manifest["shards"] = good
