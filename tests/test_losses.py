@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import kdistill.losses as losses
 from kdistill.losses import (
     DIVERGENCES,
     LossSpec,
@@ -18,6 +19,7 @@ from kdistill.losses import (
     fused_distill_loss,
     token_losses,
 )
+from kdistill.losses.divergences import Pair, register, unregister
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar")
 
@@ -519,3 +521,56 @@ def test_autocast_and_mixed_dtypes_inputs():
     (lp.sum() + kd).backward()
     assert w.grad is not None and w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
     assert torch.allclose(lp, ref_lp, atol=0.1) and abs(float(kd) - float(ref_kd)) < 0.05 * abs(float(ref_kd))
+
+
+# ---------------------------------------------------------------------------------------------
+# the registry: a divergence defined here, in one function, runs on both paths
+
+
+def test_registered_toy_divergence_fused_equals_plain():
+    """Squared Hellinger distance Σ(√p − √q)², registered from this file: its value on the plain
+    path (autograd) and its closed-form gradient on the fused path must agree, then it is removed."""
+    name = "test_squared_hellinger"
+
+    @register(name)
+    def squared_hellinger(x: Pair, grad: bool = False):
+        # ∂/∂ls_j Σ(√p − √q)² = q_j − √(p_j·q_j); the +q part is cancelled by the softmax Jacobian
+        d = ((x.lt * 0.5).exp() - (x.ls * 0.5).exp()).square().sum(-1)
+        return d, (((x.lt + x.ls) * 0.5).exp().neg_() if grad else None)
+
+    try:
+        assert losses.DIVERGENCES == (*DIVERGENCES, name)
+        assert LossSpec(name).divergence == name
+        with pytest.raises(ValueError, match="already registered"):
+            register(name)(squared_hellinger)
+        # the value against a float64 reference on one token
+        p, q = [0.7, 0.2, 0.1], [0.2, 0.5, 0.3]
+        want = float(((np.sqrt(p) - np.sqrt(q)) ** 2).sum())
+        got = divergence(torch.tensor([p]).log(), torch.tensor([q]).log(), name)
+        assert abs(float(got) - want) < 1e-6
+        # fused (closed-form gradient) against plain (autograd), full-vocabulary and top-k teachers
+        h, w, th, tw, labels = _fused_case(seed=4)
+        V = w.shape[0]
+        for T, hw, chunk in ((1.0, 0.0, 8), (2.0, 0.3, 5), (0.7, 0.0, "auto")):
+            kw = dict(divergence=name, temperature=T, hard_label_weight=hw, num_items=27)
+            plain = distill_loss(h @ w.t(), th @ tw.t(), labels, **kw)
+            fused = fused_distill_loss(h, w, th, tw, labels, chunk_size=chunk, **kw)
+            assert float(plain) > 0
+            _close(fused, plain)
+            for gf, gp in zip(_grads(fused, h, w), _grads(plain, h, w)):
+                _close(gf, gp)
+            for k in (6, V):
+                tk = _topk(th @ tw.t(), k)
+                plain = distill_loss(h @ w.t(), None, labels, teacher_topk=tk, **kw)
+                fused = fused_distill_loss(h, w, None, None, labels, teacher_topk=tk, chunk_size=chunk, **kw)
+                _close(fused, plain)
+                for gf, gp in zip(_grads(fused, h, w), _grads(plain, h, w)):
+                    _close(gf, gp)
+        # the same distributions: 0
+        s = (h @ w.t()).detach()
+        assert abs(float(distill_loss(s, s, labels, name))) < 1e-6
+    finally:
+        unregister(name)
+    assert losses.DIVERGENCES == tuple(DIVERGENCES) and name not in losses.DIVERGENCES
+    with pytest.raises(ValueError, match="unknown divergence .*expected one of forward_kl, reverse_kl"):
+        LossSpec(name)
