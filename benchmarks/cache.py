@@ -29,7 +29,7 @@ from bench_models import teacher_and_student, write_section
 
 
 def _rows(n: int) -> list[dict]:
-    from kdistill.demo.task import TEMPLATES, make_rows, split_names
+    from kdistill.commands.demo.task import TEMPLATES, make_rows, split_names
 
     rng = random.Random(0)
     rows = make_rows(n, split_names()[0], 1, "bench")
@@ -53,14 +53,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    from kdistill.cache import TopKCache, cache_teacher
+    from kdistill.commands.cache_teacher import cache_teacher
+    from kdistill.topk_cache import TopKCache
     from kdistill.config import load_config
     from kdistill.data import collate, encode_examples, load_examples
     from kdistill.losses import DIVERGENCES, TopK, distill_loss
-    from kdistill.methods.base import RunContext, StudentLM
+    from kdistill.methods.base import RunContext
+    from kdistill.models import StudentLM
     from kdistill.methods.logit import LogitMethod
     from kdistill.models import count_params, output_vocab_size
-    from kdistill.pipeline import _renderer
+    from kdistill.data import renderer_for as _renderer
     from kdistill.teachers.cache import CachedTeacher
     from kdistill.teachers.local import LocalTeacher
 
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
         n_tok = [int((b["labels"] != -100).sum()) for b in batches]
 
         # 1. loss from the cache vs from the live, uncompressed top-k (same student logits)
-        from kdistill.cache import teacher_topk
+        from kdistill.teachers.local import model_topk as teacher_topk
 
         b0 = batches[0]
         keep = b0["labels"] != -100

@@ -46,8 +46,8 @@ def main() -> int:
 
     from kdistill.config import VllmConfig
     from kdistill.data import Example, Renderer
-    from kdistill.demo.task import make_rows, split_names
-    from kdistill.generation import HFSampler
+    from kdistill.commands.demo.task import make_rows, split_names
+    from kdistill.sampling import HFSampler
     from kdistill.vllm_engine import VllmSampler
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

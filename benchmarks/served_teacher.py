@@ -10,7 +10,7 @@ Setup: a local stand-in for a remote vLLM server (``tests/fake_openai.py``) that
 real top-k log-probs, computed once in an untimed warm-up run and then served from memory, so the
 server costs no CPU while the student trains (as a server on other machines would). The student
 (layers cut from the demo teacher, or a synthetic model when the demo teacher is not installed)
-trains ``method: logit`` through ``kdistill.pipeline.run``; the figure is the trainer's own time
+trains ``method: logit`` through ``kdistill.run.run``; the figure is the trainer's own time
 (``training.seconds``), runs alternating between the two settings.
 """
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def _rows(n: int, seed: int) -> list[dict]:
-    from kdistill.demo.task import make_rows, split_names
+    from kdistill.commands.demo.task import make_rows, split_names
 
     rows = make_rows(n, split_names(seed)[0], seed, "bench")
     for r in rows:
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
 
     from fake_openai import FakeOpenAI, model_prompt_logprobs
     from kdistill.config import load_config
-    from kdistill.pipeline import run
+    from kdistill.run import run
 
     teacher, student, tok, name = teacher_and_student(args.student_layers)
     teacher.eval()

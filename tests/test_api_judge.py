@@ -11,7 +11,7 @@ from conftest import base_config
 from fake_openai import serve
 from kdistill.config import load_config
 from kdistill.errors import ConfigError
-from kdistill.pipeline import run
+from kdistill.run import run
 
 KEY = "sk-judge-5551"
 

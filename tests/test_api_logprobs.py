@@ -15,15 +15,19 @@ import yaml
 
 from conftest import base_config, make_tokenizer
 from fake_openai import FakeOpenAI, model_prompt_logprobs
-from kdistill.cache import TopKCache, cache_teacher, teacher_topk
+from kdistill.commands.cache_teacher import cache_teacher
+from kdistill.teachers.local import model_topk as teacher_topk
+from kdistill.topk_cache import TopKCache
 from kdistill.cli import main
 from kdistill.config import load_config
 from kdistill.data import collate, encode_examples, load_examples
 from kdistill.errors import ConfigError
 from kdistill.evaluate import logit_metrics
 from kdistill.models import load_model
-from kdistill.pipeline import _renderer, evaluate_only, run
-from kdistill.teachers.api_logprobs import ApiLogprobTeacher
+from kdistill.data import renderer_for as _renderer
+from kdistill.run import evaluate as evaluate_only
+from kdistill.run import run
+from kdistill.teachers.served import ServedTeacher as ApiLogprobTeacher
 
 KEY = "sk-served-SECRET-4242"
 K = 8
@@ -228,7 +232,7 @@ def test_a_served_teacher_mixes_with_a_local_one(tiny, served, tmp_path):
 def test_prefetch_changes_nothing_but_when_requests_are_made(tiny, served, tmp_path, ga):
     """teacher.api.prefetch: the losses are the same as without it, every sequence is asked for once,
     and every micro-batch's answer was requested before its loss asked for it (the order of the
-    trainer's lookahead is tested in test_pipeline.py)."""
+    trainer's lookahead is tested in test_run.py)."""
     srv, _, _ = served
     srv.delay = 0.05
     runs = {}
@@ -250,7 +254,8 @@ def test_prefetch_changes_nothing_but_when_requests_are_made(tiny, served, tmp_p
 def test_on_policy_filter_scores_candidates_with_the_served_teacher(tiny, served, tmp_path):
     """scorer: loglik with a vLLM server: each candidate's score is the served teacher's mean
     log-likelihood of it, the same number the local model gives; the best one is kept."""
-    from kdistill.feedback import completion_feature, loglik_scores
+    from kdistill.data import completion_feature
+    from kdistill.scoring import loglik_scores
 
     srv, teacher, tok = served
     out = tmp_path / "opf"
@@ -273,12 +278,17 @@ def test_on_policy_filter_scores_candidates_with_the_served_teacher(tiny, served
 def test_zephyr_uses_a_served_teacher_as_text(tiny, served, tmp_path):
     """zephyr needs the teacher's answers and ratings, not log-probs: a served-teacher config works
     through its chat endpoint, and the run says that logprobs is not used."""
-    from kdistill.teachers.api import ApiTextTeacher
-    from kdistill.teachers.build import build_teacher, load_student_only
+    from kdistill.run import Run
+    from kdistill.teachers.text import ApiTextTeacher
 
     srv, _, _ = served
     cfg = load_config(base=served_config(tiny, srv, tmp_path / "z", method="zephyr"))
     said: list[str] = []
-    m = load_student_only(cfg, said.append)
+    r = Run(cfg, said.append, progress=False)
+    r.setup()
+    r.load_teacher_weights()
+    r.load_rows()
+    r.load_student()
+    r.build_teacher()
     assert any("logprobs is not used by method zephyr" in s for s in said)
-    assert isinstance(build_teacher(cfg, m, [], say=said.append), ApiTextTeacher)
+    assert isinstance(r.teacher, ApiTextTeacher)

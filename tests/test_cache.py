@@ -15,13 +15,16 @@ import torch
 import yaml
 
 from conftest import base_config
-from kdistill.cache import LOGPROB_SCALE, CacheError, TopKCache, cache_teacher, decode_topk, encode_topk, teacher_topk
+from kdistill.commands.cache_teacher import cache_teacher
+from kdistill.teachers.local import model_topk as teacher_topk
+from kdistill.topk_cache import LOGPROB_SCALE, CacheError, TopKCache, decode_topk, encode_topk
 from kdistill.cli import main
 from kdistill.config import load_config
 from kdistill.data import collate, encode_examples, load_examples
 from kdistill.losses import DIVERGENCES, TopK, distill_loss, fused_distill_loss
 from kdistill.models import load_model
-from kdistill.pipeline import _renderer
+from kdistill.data import renderer_for as _renderer
+from kdistill.run import run
 from kdistill.teachers.cache import CachedTeacher
 
 TOP_K = 16
@@ -138,17 +141,17 @@ def test_cache_round_trip_each_divergence(round_trip_inputs, divergence):
 
 _KILLER = r"""
 import os, signal, sys
-import kdistill.cache as c
+import kdistill.topk_cache as c
 n = int(sys.argv[1])
 calls = {"shard": 0}
-real = c._atomic_write
+real = c.atomic_write
 def write(path, data):
     real(path, data)
     if path.name.startswith("shard-"):
         calls["shard"] += 1
         if calls["shard"] == n:  # the shard is in place, the manifest does not list it yet
             os.kill(os.getpid(), signal.SIGKILL)
-c._atomic_write = write
+c.atomic_write = write
 from kdistill.cli import main
 sys.exit(main(["cache-teacher", sys.argv[2], "--no-progress"]))
 """
@@ -280,15 +283,14 @@ def test_run_from_cache_with_teacher_for_student_and_eval(tiny, tiny_cache, tmp_
 
 
 def test_cache_refused_for_methods_that_train_on_other_sequences(tiny, tiny_cache, tmp_path):
-    from types import SimpleNamespace
-
     from kdistill.errors import ConfigError
-    from kdistill.teachers.build import build_teacher
 
     path, _ = tiny_cache
-    cfg = load_config(None, [], base=base_config(tiny, tmp_path, method="on_policy", teacher={"cache": str(path)}))
+    cfg = load_config(None, [], base=base_config(tiny, tmp_path, method="on_policy", teacher={"cache": str(path)},
+                                                 student={"model": str(tiny / "student"), "init": None}))
     with pytest.raises(ConfigError, match="teacher.cache: .*method on_policy trains on other sequences"):
-        build_teacher(cfg, SimpleNamespace(tokenizer=None, vocab_size=0, teacher=None), [])
+        run(cfg, progress=False)
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_cache_stores_teacher_figures_so_cache_only_runs_report_retention(tiny, tiny_cache, tmp_path):

@@ -10,7 +10,7 @@ import torch
 from conftest import Crash, base_config, crash_at_loss
 from kdistill.config import CurriculumConfig, load_config
 from kdistill.curriculum import schedule
-from kdistill.pipeline import run
+from kdistill.run import run
 
 QUIET = {"generate": False, "speed_prompts": 0}
 
@@ -54,7 +54,7 @@ def test_first_batches_are_the_shortest_rows(tiny, tmp_path, monkeypatch):
 
 
 def test_teacher_loss_curriculum_resumes_exactly_without_rescoring(tiny, tmp_path, monkeypatch):
-    from kdistill import feedback
+    from kdistill import scoring as feedback
 
     common = dict(eval=QUIET, train={"max_steps": 6, "save_every": 3},
                   curriculum={"by": "teacher_loss", "start": 0.3, "steps": 0.7})

@@ -16,7 +16,7 @@ def test_example_config_validates(path):
 
 
 def test_demo_config_validates(tmp_path):
-    from kdistill.demo import demo_config_dict
+    from kdistill.commands.demo import demo_config_dict
 
     cfg = load_config(None, ["train.max_steps=3"], base=demo_config_dict(str(tmp_path / "demo")))
     assert cfg.teacher.model == "demo" and cfg.train.max_steps == 3
@@ -24,7 +24,7 @@ def test_demo_config_validates(tmp_path):
 
 
 def test_demo_task_splits_names_disjointly():
-    from kdistill.demo.task import make_rows, split_names
+    from kdistill.commands.demo.task import make_rows, split_names
 
     train_names, test_names = split_names(0)
     assert not set(train_names) & set(test_names)

@@ -13,7 +13,7 @@ from kdistill.cli import main
 from kdistill.config import load_config
 from kdistill.features import FeatureAdapters, feature_loss, layer_map
 from kdistill.models import cut_student, load_model
-from kdistill.pipeline import run
+from kdistill.run import run
 
 QUIET = {"generate": False, "speed_prompts": 0}
 

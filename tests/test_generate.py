@@ -19,7 +19,7 @@ from kdistill.cli import main
 from kdistill.config import load_config
 from kdistill.data import load_examples
 from kdistill.errors import ConfigError
-from kdistill.generate import RATIONALE_SYSTEM, generate, split_rationale
+from kdistill.answers import RATIONALE_SYSTEM, generate, split_rationale
 
 KEY = "sk-live-TOPSECRET-77a1c3"
 

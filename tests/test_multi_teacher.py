@@ -16,7 +16,7 @@ from kdistill.config import load_config
 from kdistill.losses import TopK, distill_loss
 from kdistill.methods.base import RunContext
 from kdistill.methods.logit import LogitMethod
-from kdistill.teachers.local import TeacherSignal
+from kdistill.teachers.base import Teacher, TeacherSignal
 from kdistill.teachers.multi import MultiTeacher, mix_logprobs, mix_topk
 
 
@@ -41,10 +41,11 @@ def test_mix_topk_union_hand_computed():
     assert same.indices.tolist() == [[0, 1]] and torch.allclose(same.logprobs, a.logprobs, atol=1e-6)
 
 
-class _Fixed:
+class _Fixed(Teacher):
     """A teacher that returns fixed logits."""
 
     can_fuse = False
+    offers = frozenset({"distribution", "any_sequence"})
 
     def __init__(self, logits):
         self.logits = logits

@@ -7,12 +7,12 @@ import torch
 from conftest import base_config
 from kdistill.config import load_config
 from kdistill.data import IGNORE_INDEX, Renderer, collate, collate_prompts, encode_examples, load_examples
-from kdistill.feedback import completion_feature
-from kdistill.generation import cut_at_eos
+from kdistill.data import completion_feature
+from kdistill.models import cut_at_eos
 from kdistill.methods import RunContext, build_method
-from kdistill.methods.base import StudentLM
+from kdistill.models import StudentLM
 from kdistill.models import load_model
-from kdistill.pipeline import run
+from kdistill.run import run
 from kdistill.teachers import LocalTeacher
 
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import base_config
 from kdistill.config import load_config
 from kdistill.errors import ConfigError
-from kdistill.pipeline import run
+from kdistill.run import run
 
 QUIET = {"generate": False, "speed_prompts": 0}
 

@@ -7,10 +7,11 @@ from safetensors.torch import load_file
 
 from conftest import base_config
 from kdistill.config import load_config
-from kdistill.feedback import completion_feature, loglik_scores
-from kdistill.methods.rounds import OnPolicyFilter
+from kdistill.data import completion_feature
+from kdistill.scoring import loglik_scores
+from kdistill.methods.candidates import OnPolicyFilter
 from kdistill.models import load_model
-from kdistill.pipeline import run
+from kdistill.run import run
 
 
 def fast(tiny, out, **sections):
@@ -91,7 +92,7 @@ def test_self_distill_rounds_change_the_model_and_write_data(tiny, tmp_path):
 def test_jsonl_store_merges_parts_left_by_a_crash(tmp_path):
     """A multi-process fill killed before its merge leaves <file>.part-r files: the next open
     merges them (torn lines dropped, nothing twice) and fill only makes what is still missing."""
-    from kdistill.feedback import JsonlStore
+    from kdistill.store import JsonlStore
 
     path = tmp_path / "c.jsonl"
     path.write_text('{"id": "a", "v": 1}\n')

@@ -14,8 +14,9 @@ from kdistill.cli import main
 from kdistill.config import FiltersConfig, JudgeConfig, load_config
 from kdistill.data import Example
 from kdistill.errors import ConfigError
-from kdistill.filters import apply_filters, parse_score
-from kdistill.pipeline import run
+from kdistill.filters import apply_filters
+from kdistill.scoring import parse_score
+from kdistill.run import run
 
 KEY = "sk-seq-HIDDEN-31337"
 
@@ -216,12 +217,12 @@ def test_local_teacher_generates_at_run_time_for_a_student_with_another_tokenize
 def test_sequence_method_takes_a_length_curriculum(tiny, tmp_path):
     from conftest import base_config
     from kdistill.config import load_config
-    from kdistill.sequence_pipeline import run_sequence
+    from kdistill.run import run
 
     cfg = base_config(tiny, tmp_path / "seq", method="sequence", student={"model": str(tiny / "other_student"), "init": None},
                       train={"max_steps": 3}, eval={"generate": False, "speed_prompts": 0},
                       curriculum={"by": "length", "start": 0.5, "steps": 1.0})
-    rep = run_sequence(load_config(base=cfg), say=lambda _: None, progress=False)
+    rep = run(load_config(base=cfg), say=lambda _: None, progress=False)
     assert rep["training"]["curriculum"]["by"] == "length" and rep["training"]["steps"] == 3
 
 

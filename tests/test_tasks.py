@@ -10,7 +10,7 @@ from conftest import base_config, make_rows, write_jsonl
 from kdistill.config import load_config
 from kdistill.data import Example, mix_tasks, tag_task
 from kdistill.errors import ConfigError
-from kdistill.pipeline import run
+from kdistill.run import run
 
 QUIET = {"speed_prompts": 0, "max_new_tokens": 3}
 
@@ -88,7 +88,8 @@ def test_aggregate_equals_measuring_all_rows_at_once(tiny):
 
 
 def test_cache_teacher_covers_every_task(tiny, tmp_path):
-    from kdistill.cache import TopKCache, cache_teacher
+    from kdistill.commands.cache_teacher import cache_teacher
+    from kdistill.topk_cache import TopKCache
 
     qa = write_jsonl(tmp_path / "qa.jsonl", make_rows(12, 31))
     ex = write_jsonl(tmp_path / "ex.jsonl", make_rows(8, 32))

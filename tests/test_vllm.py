@@ -17,11 +17,12 @@ import torch
 from conftest import write_jsonl
 from kdistill.cli import main
 from kdistill.config import load_config
-from kdistill.generation import cut_at_eos, sample_completions
-from kdistill.generate import generate
+from kdistill.models import cut_at_eos
+from kdistill.sampling import sample_completions
+from kdistill.answers import generate
 from kdistill.methods import build_method
-from kdistill.methods.base import StudentLM
-from kdistill.pipeline import run
+from kdistill.models import StudentLM
+from kdistill.run import run
 from test_on_policy import context, fast
 
 FAKE = Path(__file__).parent / "fake_vllm"

@@ -9,7 +9,7 @@ from conftest import base_config
 from kdistill.config import load_config
 from kdistill.methods.base import Method
 from kdistill.methods.dpo import DPOMethod
-from kdistill.pipeline import run
+from kdistill.run import run
 
 
 class Interrupted(Exception):
@@ -83,7 +83,7 @@ def test_zephyr_runs_all_stages_and_each_resumes(tiny, tmp_path, monkeypatch):
     rep = run(config, progress=False)
     s = rep["method_summary"]
     st = s["stages"]
-    assert st["sft"] == sft and st["feedback"]["pairs"] == len(pairs)
+    assert st["sft"].pop("finished_earlier") is True and st["sft"] == sft and st["feedback"]["pairs"] == len(pairs)
     assert st["dpo"]["resumed_from"] == 2 and st["dpo"]["steps"] == 4 and st["dpo"]["pairs"] == len(pairs)
     # DPO raised the chosen-over-rejected margin on its training pairs
     assert st["dpo"]["after"]["logp_margin"] > st["dpo"]["before"]["logp_margin"]
@@ -103,7 +103,7 @@ def test_judge_score_is_the_expected_rating(tiny):
     import torch
 
     from kdistill.data import Example, Renderer
-    from kdistill.feedback import DEFAULT_JUDGE_TEMPLATE, judge_scores, rating_token_ids
+    from kdistill.scoring import DEFAULT_JUDGE_TEMPLATE, judge_scores, rating_token_ids
     from kdistill.models import load_model
 
     teacher, tok = load_model(str(tiny / "teacher"))

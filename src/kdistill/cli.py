@@ -1,4 +1,5 @@
-"""``kdistill`` command line: parse arguments, load the config, call one pipeline function.
+"""``kdistill`` command line: parse the arguments and hand the command to its module in
+:mod:`kdistill.commands`.
 
 User mistakes (:class:`~kdistill.errors.KDistillError`) print one line and exit with status 2.
 """
@@ -12,7 +13,12 @@ import sys
 from typing import Optional
 
 from kdistill import __version__
+from kdistill.commands import cache_teacher, demo, generate
+from kdistill.commands import run as run_command
 from kdistill.errors import KDistillError
+
+COMMANDS = {"run": run_command, "eval": run_command, "cache-teacher": cache_teacher, "generate": generate,
+            "demo": demo}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,12 +64,6 @@ def _setup_logging() -> None:
         pass
 
 
-def _say(msg: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True, highlight=False).print(f"[bold cyan]kdistill[/] {msg}")
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command is None:
@@ -71,40 +71,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     _setup_logging()
     try:
-        if args.command == "demo":
-            from kdistill.demo import run_demo
-
-            run_demo(args.output_dir, args.overrides, progress=not args.no_progress)
-            return 0
-        from kdistill.config import load_config
-
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "cache-teacher":
-            from kdistill.cache import cache_teacher
-
-            stats = cache_teacher(cfg, say=_say, progress=not args.no_progress)
-            print(f"cache: {stats['path']}: {stats['rows']} rows, {stats['tokens']} tokens, top-{stats['top_k']}, "
-                  f"{stats['bytes_per_token']} bytes per token")
-            return 0
-        if args.command == "generate":
-            from kdistill.generate import generate
-
-            summary = generate(cfg, say=_say, progress=not args.no_progress)
-            return 0 if summary["complete"] else 1
-        if args.command == "run":
-            from kdistill.pipeline import run
-
-            rep = run(cfg, say=_say, progress=not args.no_progress)
-        elif args.command == "eval":
-            from kdistill.pipeline import evaluate_only
-
-            rep = evaluate_only(cfg, say=_say)
-        else:  # pragma: no cover - argparse refuses unknown commands
-            raise AssertionError(args.command)
-        from kdistill.demo import print_summary
-
-        print_summary(rep, cfg.output_dir)
-        return 0
+        return COMMANDS[args.command].main(args)
     except KDistillError as exc:
         print(f"kdistill: error: {exc}", file=sys.stderr)
         return 2

@@ -1,9 +1,12 @@
 """The run config: one YAML file, validated here before any model is loaded.
 
-This module is the single source of defaults. Every section is a pydantic model with
-``extra="forbid"``, so a typo in a key is an error that names the key, never silently ignored.
+The schema is composed, not written out: the run-level sections of :mod:`kdistill.settings`, plus
+the section of every registered method (``on_policy:``, ``zephyr:``, ...; see
+:mod:`kdistill.methods`). What a method needs and which defaults it changes are asked of the
+method registry, so a new method adds its section and its rules by registering itself.
 
-Load with :func:`load_config` (YAML file + ``--set a.b=c`` overrides).
+Load with :func:`load_config` (YAML file + ``--set a.b=c`` overrides). Every problem is one
+:class:`~kdistill.errors.ConfigError` line that names the key and what was expected.
 """
 
 from __future__ import annotations
@@ -11,579 +14,88 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from kdistill.errors import ConfigError
-
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
-LAYER_SELECTIONS = ("uniform", "first", "last", "first_last", "importance")
-METHODS = ("logit", "sequence", "on_policy", "on_policy_filter", "self_distill", "zephyr", "dpo", "progressive")
-SINGLE_PASS = ("logit", "on_policy", "sequence")  # one trainer pass: curriculum and eval.every apply
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class TeacherApiConfig(Section):
-    """A teacher behind an OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, SGLang, llama.cpp, Ollama)."""
-
-    base_url: str = Field(..., description="e.g. http://127.0.0.1:8000/v1 (the part before /chat/completions)")
-    model: str = Field(..., description="model name the endpoint serves")
-    api_key_env: Optional[str] = Field(
-        None, description="environment variable holding the API key (never logged or written); none = no key"
-    )
-    max_concurrency: int = Field(8, ge=1, description="requests in flight at once")
-    timeout: float = Field(60.0, gt=0, description="seconds per request")
-    max_retries: int = Field(6, ge=0, description="retries per request on 429, 5xx, connection errors, timeouts, bad answers")
-    backoff_base: float = Field(1.0, gt=0, description="first retry delay in seconds (doubles each retry, with jitter)")
-    backoff_max: float = Field(60.0, gt=0, description="longest delay between retries (Retry-After is honoured above it)")
-    extra_body: dict[str, Any] = Field(default_factory=dict, description="extra request fields, e.g. {top_p: 0.9, seed: 0}")
-    logprobs: Optional[int] = Field(
-        None, ge=1, le=4096, description="white-box signal from a vLLM server: the teacher's top-k log-probs of every "
-        "token (POST /completions with prompt_logprobs) for methods logit and on_policy, for candidate scores in "
-        "on_policy_filter / self_distill, and for cache-teacher; "
-        "vLLM allows at most its --max-logprobs (default 20); none = text only")
-    prefetch: bool = Field(
-        True, description="with logprobs: ask for the next micro-batches' log-probs while the student trains on "
-        "this one (hides the server's latency; the same numbers either way)")
-
-
-class TeacherConfig(Section):
-    """Where the teacher signal comes from."""
-
-    model: Optional[str] = Field(
-        None, description="Hub id, local folder, or a .gguf file. 'demo' = the bundled SmolLM2-135M-Instruct."
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
-    revision: Optional[str] = None
-    trust_remote_code: bool = False
-    cache: Optional[str] = Field(
-        None, description="an offline top-k cache (from `kdistill cache-teacher`): train from it without running the teacher"
-    )
-    weight: float = Field(1.0, gt=0.0, description="this teacher's weight in a `teachers:` list (normalized to sum to 1)")
-    api: Optional[TeacherApiConfig] = Field(
-        None, description="a teacher behind an HTTP API; with teacher.model too, text comes from the API"
-    )
-    engine: Literal["transformers", "vllm"] = Field(
-        "transformers", description="how a local teacher.model generates text (vllm: optional extra, GPU)"
-    )
-
-    @model_validator(mode="after")
-    def _one_signal(self) -> "TeacherConfig":
-        if self.api is not None and self.api.logprobs is not None and (self.model is not None or self.cache is not None):
-            raise ValueError("api.logprobs: the served teacher gives the signal; give it without model or cache "
-                             "(and the student as student.model)")
-        return self
-
-
-class StudentInit(Section):
-    """Build the student by cutting layers out of the teacher."""
-
-    from_teacher: bool = True
-    num_layers: Optional[int] = Field(None, ge=1)
-    layer_selection: Union[Literal["uniform", "first", "last", "first_last", "importance"], list[int]] = "uniform"
-    importance_samples: int = Field(32, ge=1, description="training rows used to score block importance")
-
-    @field_validator("layer_selection", mode="before")
-    @classmethod
-    def _check_selection(cls, v: Any) -> Any:
-        if isinstance(v, str) and v not in LAYER_SELECTIONS:
-            raise ValueError(f"expected one of {', '.join(LAYER_SELECTIONS)} or a list of layer indices, got {v!r}")
-        return v
-
-
-class StudentConfig(Section):
-    model: Optional[str] = None
-    init: Optional[StudentInit] = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
-    revision: Optional[str] = None
-    trust_remote_code: bool = False
-    freeze_embeddings: bool = False
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "StudentConfig":
-        if self.model is None and self.init is None:
-            raise ValueError("set either student.model or student.init")
-        if self.model is not None and self.init is not None:
-            raise ValueError("set only one of student.model and student.init")
-        if self.init is not None and not self.init.from_teacher:
-            raise ValueError("student.init.from_teacher must be true (or give student.model)")
-        return self
-
-
-class TaskConfig(Section):
-    """One task of a multi-task run (``data.tasks``): its rows, held-out rows and mixture weight."""
-
-    name: str = Field(..., min_length=1, description="shown in the report; prefixes the task's row ids")
-    train: str = Field(..., description="JSONL rows of this task")
-    eval: Optional[str] = Field(None, description="held-out rows; none = a data.eval_fraction split of train")
-    weight: Optional[float] = Field(
-        None, gt=0.0, description="share of the training rows (normalized over tasks); none on every task = "
-        "the tasks' natural sizes"
-    )
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, v: str) -> str:
-        if "/" in v or v.strip() != v:
-            raise ValueError(f"task names may not contain '/' or surrounding spaces, got {v!r}")
-        return v
-
-
-class DataConfig(Section):
-    train: Optional[str] = None
-    eval: Optional[str] = None
-    tasks: Optional[list[TaskConfig]] = Field(
-        None, description="several tasks instead of train/eval: mixed by weight, reported per task"
-    )
-    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="held-out share of train when data.eval is unset")
-    max_eval_rows: int = Field(200, ge=1)
-    max_length: int = Field(256, ge=8)
-    system_prompt: Optional[str] = Field(
-        None, description="system message added to every row without one (overrides a template's default)"
-    )
-    chat_template: bool = Field(True, description="render rows with the tokenizer's chat template when it has one")
-
-    @model_validator(mode="after")
-    def _check_tasks(self) -> "DataConfig":
-        if self.tasks is not None:
-            if self.train is not None or self.eval is not None:
-                raise ValueError("data.tasks: give either tasks or train/eval, not both")
-            if not self.tasks:
-                raise ValueError("data.tasks: give at least one task")
-            names = [t.name for t in self.tasks]
-            dup = sorted({n for n in names if names.count(n) > 1})
-            if dup:
-                raise ValueError(f"data.tasks: task names must be unique (repeated: {', '.join(dup)})")
-            weighted = [t.weight is not None for t in self.tasks]
-            if any(weighted) and not all(weighted):
-                raise ValueError("data.tasks: give a weight to every task, or to none (natural sizes)")
-        return self
-
-
-class LossConfig(Section):
-    divergence: str = "forward_kl"
-    temperature: float = Field(1.0, gt=0.0)
-    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the distillation term; 1-alpha on cross-entropy")
-    beta: float = Field(0.5, ge=0.0, le=1.0, description="jsd interpolation (0 = forward KL, 1 = reverse KL)")
-    skew: float = Field(0.1, ge=0.0, le=1.0, description="skew KL mixing coefficient")
-    fused: Union[bool, Literal["auto"]] = Field(
-        "auto", description="chunked loss from hidden states (never materializes [tokens x vocab]); auto = when possible"
-    )
-    chunk_size: Union[Literal["auto"], int] = Field(
-        "auto", description="tokens per chunk of the fused loss; auto = about one [chunk x vocab] block per hidden-state size"
-    )
-
-    @field_validator("chunk_size")
-    @classmethod
-    def _check_chunk(cls, v):
-        if isinstance(v, int) and v < 1:
-            raise ValueError("expected 'auto' or a positive integer")
-        return v
-    teacher_mix: Literal["mixture", "sum"] = Field(
-        "mixture", description="several teachers: mixture = divergence to their weighted mixture in probability space; "
-        "sum = weighted sum of per-teacher divergences"
-    )
-
-    @field_validator("divergence")
-    @classmethod
-    def _check_divergence(cls, v: str) -> str:
-        if v not in DIVERGENCES:
-            hint = difflib.get_close_matches(v, DIVERGENCES, n=1)
-            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ValueError(f"unknown divergence {v!r}{extra}; expected one of {', '.join(DIVERGENCES)}")
-        return v
-
-
-class FeaturesConfig(Section):
-    """Feature (hidden-state) distillation, added to the ``logit`` / ``on_policy`` loss when
-    ``weight > 0``: the outputs of mapped student blocks are matched to the outputs of teacher
-    blocks (through a trained linear adapter when the widths differ), on the trained positions.
-
-    ``layers``: ``auto`` maps each block of a student cut from the teacher to the teacher block it
-    was copied from, and otherwise spreads the student's blocks evenly over the teacher's (the last
-    onto the last); or a list of ``[student_block, teacher_block]`` pairs (0-based).
-    """
-
-    weight: float = Field(0.0, ge=0.0, description="weight of the feature term (0 = off)")
-    layers: Union[Literal["auto"], list[tuple[int, int]]] = Field("auto", description="auto, or [[student, teacher], ...]")
-    loss: Literal["cosine", "mse"] = Field("cosine", description="per position: 1 - cos, or mean squared error")
-    normalize: bool = Field(True, description="mse: layer-normalize both sides first (LLM activations vary in scale)")
-
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _check_layers(cls, v: Any) -> Any:
-        if isinstance(v, list):
-            for pair in v:
-                if not (isinstance(pair, (list, tuple)) and len(pair) == 2
-                        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in pair)):
-                    raise ValueError(f"expected 'auto' or [[student_block, teacher_block], ...] (0-based ints), got {pair!r}")
-        return v
-
-
-class TrainConfig(Section):
-    max_steps: Optional[int] = Field(None, ge=1)
-    epochs: Optional[float] = Field(None, gt=0)
-    max_minutes: Optional[float] = Field(None, gt=0, description="stop (and save) after this wall-clock time")
-    batch_size: int = Field(4, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(5.0e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    max_grad_norm: Optional[float] = Field(1.0, gt=0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    seed: int = 0
-    log_every: int = Field(1, ge=1)
-    save_every: int = Field(50, ge=1, description="checkpoint every N optimizer steps")
-    save_total_limit: int = Field(2, ge=1)
-    num_threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
-
-    @model_validator(mode="after")
-    def _length(self) -> "TrainConfig":
-        if self.max_steps is None and self.epochs is None:
-            self.max_steps = 100
-        return self
-
-
-class CurriculumConfig(Section):
-    """Easiest rows first (see :mod:`kdistill.curriculum`); ``by: none`` = ordinary shuffled epochs."""
-
-    by: Literal["none", "length", "teacher_loss"] = Field(
-        "none", description="difficulty: response length, or the teacher's mean loss on the response"
-    )
-    start: float = Field(0.3, gt=0.0, le=1.0, description="share of the (easiest) rows available at the first step")
-    steps: float = Field(0.5, gt=0.0, le=1.0, description="share of the optimizer steps until every row is available")
-    pacing: Literal["linear", "sqrt"] = Field("linear", description="how the pool grows from start to all rows")
-
-
-class EvalConfig(Section):
-    batch_size: int = Field(8, ge=1)
-    max_new_tokens: int = Field(32, ge=1)
-    match: Literal["contains", "exact"] = Field("contains", description="how a generation is compared to 'reference'")
-    generate: bool = Field(True, description="run generation for task accuracy when rows have a reference")
-    teacher_answers: Literal["generate", "data"] = Field(
-        "generate", description="data: the held-out rows' response IS the teacher's greedy answer (e.g. from "
-        "`kdistill generate` at temperature 0): score it for the teacher's accuracy instead of generating again"
-    )
-    show_samples: int = Field(3, ge=0)
-    speed_prompts: int = Field(4, ge=0, description="prompts used for the speed measurement (0 = skip)")
-    speed_new_tokens: int = Field(32, ge=1)
-    every: Optional[int] = Field(
-        None, ge=1, description="also evaluate the student on the held-out rows every N optimizer steps (logged "
-        "as eval_* in metrics.jsonl)"
-    )
-    select_best: Optional[Literal["accuracy", "perplexity", "kl_to_teacher", "top1_agreement"]] = Field(
-        None, description="with every: keep the student of the best evaluation by this metric (task-specific "
-        "model selection) instead of the last one"
-    )
-
-    @model_validator(mode="after")
-    def _check_selection(self) -> "EvalConfig":
-        if self.select_best is not None and self.every is None:
-            raise ValueError("eval.select_best needs eval.every (how often the student is evaluated)")
-        if self.select_best == "accuracy" and not self.generate:
-            raise ValueError("eval.select_best: accuracy needs eval.generate: true")
-        return self
-
-
-class GenerateConfig(Section):
-    """``kdistill generate``: the teacher answers prompts -> an append-only, resumable JSONL."""
-
-    prompts: Optional[str] = Field(None, description="JSONL of {id?, prompt} or {id?, messages}; in `run`: default data.train")
-    output: Optional[str] = Field(None, description="output JSONL (default: OUTPUT_DIR/teacher.jsonl)")
-    samples_per_prompt: int = Field(1, ge=1)
-    temperature: float = Field(0.7, ge=0.0)
-    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(512, ge=1)
-    style: Literal["plain", "explain", "rationale"] = Field(
-        "plain", description="explain: Orca-style step-by-step system message; rationale: rationale + final answer, stored apart"
-    )
-    system_prompt: Optional[str] = Field(None, description="replaces the style's system message")
-    batch_size: int = Field(8, ge=1, description="prompts per batch for a local teacher")
-    seed: int = 0
-
-
-class JudgeConfig(Section):
-    """LLM-as-judge filter: the teacher rates each (prompt, response); rows below threshold are dropped."""
-
-    threshold: float = Field(7.0, description="keep rows scored at or above this (scale 1-10)")
-    prompt: Optional[str] = Field(None, description="judge prompt with {prompt} and {response}; must ask for 'Score: N'")
-    max_new_tokens: int = Field(32, ge=1)
-
-
-class FiltersConfig(Section):
-    """Filters applied to teacher-written rows before sequence-level training (each counted in the report)."""
-
-    enabled: bool = True
-    empty: bool = Field(True, description="drop empty responses")
-    truncated: bool = Field(True, description="drop responses cut off by max tokens (finish_reason: length)")
-    duplicate: bool = Field(True, description="drop repeated (prompt, response) pairs")
-    min_chars: Optional[int] = Field(None, ge=0)
-    max_chars: Optional[int] = Field(None, ge=1)
-    refusal: bool = Field(True, description="drop responses matching refusal_patterns")
-    refusal_patterns: Optional[list[str]] = Field(None, description="regexes (case-insensitive); none = built-in list")
-    format_regex: Optional[str] = Field(None, description="keep only responses matching this regex (re.search)")
-    format_json: bool = Field(False, description="keep only responses that parse as JSON")
-    reference: Optional[Literal["contains", "exact"]] = Field(
-        None, description="drop rows whose answer disagrees with the row's 'reference' (rows without one are kept)"
-    )
-    judge: Optional[JudgeConfig] = None
-
-    @field_validator("format_regex")
-    @classmethod
-    def _check_regex(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None:
-            import re
-
-            try:
-                re.compile(v)
-            except re.error as exc:
-                raise ValueError(f"not a valid regex ({exc})") from None
-        return v
-
-
-class SequenceConfig(Section):
-    """``method: sequence`` (cross-entropy on teacher-written responses)."""
-
-    rationale_weight: float = Field(
-        1.0, ge=0.0, description="lambda in loss = answer + lambda * rationale, for rows with rationale/answer fields"
-    )
-    answer_prefix: str = Field("[answer] ", description="task prefix of the answer view of a rationale row")
-    rationale_prefix: str = Field("[rationale] ", description="task prefix of the rationale view")
-
-
-class CacheConfig(Section):
-    """``kdistill cache-teacher``: the teacher's top-k log-probs on data.train -> sharded, resumable files."""
-
-    path: Optional[str] = Field(None, description="cache folder (default: teacher.cache)")
-    top_k: int = Field(64, ge=1, le=4096, description="tokens kept per position (the rest is one tail bucket)")
-    shard_size: int = Field(256, ge=1, description="rows per shard (the unit of resumption)")
-    batch_size: int = Field(8, ge=1, description="rows per teacher forward pass")
-
-
-# --- on-policy, self- and preference distillation (issue 6) ---------------------------------
-
-
-class VllmConfig(Section):
-    """vLLM engine settings, used wherever ``engine: vllm`` is chosen (``teacher.engine`` for
-    ``kdistill generate``; ``on_policy.engine`` / ``on_policy_filter.engine`` / ``self_distill.engine``
-    / ``zephyr.engine`` for sampling from the student being trained). Optional extra: ``pip install 'kdistill[vllm]'``.
-
-    A student engine is *colocated*: it runs in the training process, on the same GPU, and is given
-    the student's current weights (``load_weights``) before every generation that follows an
-    optimizer step. One engine per training process (tensor parallel size 1).
-    """
-
-    gpu_memory_utilization: float = Field(
-        0.3, gt=0.0, le=1.0, description="share of the GPU vLLM may take (weights + KV cache); the rest is training's"
-    )
-    max_model_len: Optional[int] = Field(None, ge=16, description="longest prompt + completion; none = data.max_length")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="the engine's weight dtype")
-    enable_sleep_mode: bool = Field(
-        False, description="free the engine's GPU memory (weights and KV cache) while the student trains"
-    )
-    enforce_eager: bool = Field(False, description="no CUDA graphs (less memory, slower decoding)")
-    extra: dict[str, Any] = Field(default_factory=dict, description="further vllm.LLM keyword arguments, passed as given")
-
-
-ENGINE_DESCRIPTION = "how the student's samples are generated: transformers (generate, KV cache) or vllm (see vllm:)"
-
-
-class OnPolicyConfig(Section):
-    """``method: on_policy`` — generalized KD (GKD, Agarwal et al. 2024).
-
-    Per batch, with probability ``lambda`` the completions are sampled from the student; otherwise
-    they are the dataset's responses (or the teacher's own samples with ``seq_kd: true``). The
-    teacher's logits on those sequences are the target of ``loss.divergence`` (for this method
-    ``loss.divergence`` defaults to ``jsd`` and ``loss.alpha`` to 1.0 unless set).
-    """
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_by_name=True,
-                              validate_by_alias=True, serialize_by_alias=True)
-
-    lambda_: float = Field(0.5, ge=0.0, le=1.0, alias="lambda",
-                           description="probability that a batch is sampled from the student (0 = method: logit)")
-    seq_kd: bool = Field(False, description="off-policy batches use the teacher's samples instead of the dataset's responses")
-    temperature: float = Field(1.0, ge=0.0, description="sampling temperature (0 = greedy); the loss uses loss.temperature")
-    max_new_tokens: int = Field(64, ge=1, description="longest sampled completion")
-    engine: Literal["transformers", "vllm"] = Field("transformers", description=ENGINE_DESCRIPTION)
-
-
-class ProgressiveConfig(Section):
-    """``method: progressive`` — shrink the student in stages, distilling at each size (logit KD).
-
-    Stage 0 trains the student as configured (e.g. cut from the teacher by ``student.init``); each
-    later stage cuts the previous stage's student to the next size in ``layers`` (by
-    ``layer_selection``) and distills into it, from the original teacher or (``teacher: previous``)
-    from the previous stage's student as a teacher assistant (TAKD, Mirzadeh et al. 2020).
-    """
-
-    layers: list[int] = Field(default_factory=list, description="sizes after stage 0, each smaller than the one before")
-    teacher: Literal["original", "previous"] = Field("original", description="who teaches the later stages")
-    layer_selection: Literal["importance", "uniform", "first", "last", "first_last"] = Field(
-        "importance", description="which blocks of the previous stage's student a stage keeps"
-    )
-    steps_per_stage: Optional[int] = Field(None, ge=1, description="optimizer steps per stage (none = train.max_steps)")
-
-    @field_validator("layers")
-    @classmethod
-    def _decreasing(cls, v: list[int]) -> list[int]:
-        if any(n < 1 for n in v) or any(b >= a for a, b in zip(v, v[1:])):
-            raise ValueError(f"expected positive sizes, each smaller than the one before, got {v}")
-        return v
-
-
-class RatingConfig(Section):
-    """How a model rates an answer as a judge (``scorer: judge``): a rating prompt, scored from the
-    judge's next-token probabilities of the tokens "1".."scale" (expected rating, in [1, scale])."""
-
-    template: Optional[str] = Field(None, description="judge prompt with {prompt}, {answer}, {scale}; none = built-in")
-    scale: int = Field(5, ge=2, le=9, description="ratings 1..scale (each must be one token)")
-    max_length: int = Field(1024, ge=16, description="judge prompts are cut to their last max_length tokens")
-
-
-class OnPolicyFilterConfig(Section):
-    """``method: on_policy_filter`` — the student writes ``n`` candidates per prompt, the teacher scores
-    them, the best ``keep`` per prompt are kept and the student is fine-tuned on them (cross-entropy,
-    ``train.max_steps`` per round); repeated for ``rounds``."""
-
-    rounds: int = Field(2, ge=1)
-    n: int = Field(4, ge=1, description="candidates per prompt")
-    keep: int = Field(1, ge=1, description="best candidates kept per prompt")
-    min_score: Optional[float] = Field(None, description="also drop kept candidates scoring below this")
-    scorer: Literal["loglik", "judge"] = Field(
-        "loglik", description="loglik: the teacher's mean log-likelihood of the candidate; judge: the teacher rates it (see rating)"
-    )
-    temperature: float = Field(1.0, ge=0.0, description="sampling temperature (0 = greedy)")
-    max_new_tokens: int = Field(64, ge=1)
-    prompts_per_round: Optional[int] = Field(None, ge=1, description="training prompts per round (a seeded sample); none = all")
-    engine: Literal["transformers", "vllm"] = Field("transformers", description=ENGINE_DESCRIPTION)
-
-
-class SelfDistillConfig(Section):
-    """``method: self_distill`` — the model writes ``n`` candidates per prompt, they are scored, the top
-    ``keep_fraction`` of all candidates is kept and the model is fine-tuned on them, for ``iterations``."""
-
-    iterations: int = Field(2, ge=1)
-    n: int = Field(4, ge=1, description="candidates per prompt")
-    keep_fraction: float = Field(0.5, gt=0.0, le=1.0, description="share of all candidates kept (best first)")
-    scorer: Literal["self", "judge", "teacher_loglik"] = Field(
-        "self", description="self: the model's own mean log-likelihood; judge: the teacher rates it; teacher_loglik"
-    )
-    temperature: float = Field(1.0, ge=0.0)
-    max_new_tokens: int = Field(64, ge=1)
-    prompts_per_round: Optional[int] = Field(None, ge=1)
-    engine: Literal["transformers", "vllm"] = Field("transformers", description=ENGINE_DESCRIPTION)
-
-
-class DPOConfig(Section):
-    """DPO (Rafailov et al. 2023): zephyr's third stage, or ``method: dpo`` on a pairs file."""
-
-    beta: float = Field(0.1, gt=0.0, description="strength of the KL anchor to the reference model")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="conservative DPO: assumed share of flipped labels")
-    pairs: Optional[str] = Field(None, description="method dpo: JSONL of {id?, prompt|messages, chosen, rejected}")
-    max_steps: Optional[int] = Field(None, ge=1, description="DPO optimizer steps (none = train.max_steps)")
-    learning_rate: Optional[float] = Field(None, gt=0.0, description="none = train.learning_rate")
-
-
-class ZephyrConfig(Section):
-    """``method: zephyr`` — 1. dSFT on teacher answers, 2. AI feedback (candidates rated by the teacher),
-    3. dDPO against the frozen dSFT student (see ``dpo``). Each stage resumes; a finished one is skipped."""
-
-    sft_max_steps: Optional[int] = Field(None, ge=1, description="dSFT optimizer steps (none = train.max_steps)")
-    sft_data: Optional[str] = Field(
-        None, description="teacher answers already written (e.g. by `kdistill generate` with an API teacher); none = the local teacher answers"
-    )
-    sft_temperature: float = Field(0.0, ge=0.0, description="teacher answers: 0 = greedy")
-    max_new_tokens: int = Field(64, ge=1, description="longest teacher answer / candidate")
-    candidates: int = Field(4, ge=2, description="student samples per prompt for AI feedback")
-    candidate_temperature: float = Field(1.0, gt=0.0)
-    other_models: list[str] = Field(default_factory=list, description="more models (folders/hub ids) adding one candidate each")
-    scorer: Literal["judge", "loglik"] = Field("judge", description="how the teacher rates candidates (see rating)")
-    rejected: Literal["random", "worst"] = Field("random", description="rejected = a random lower-rated candidate, or the worst")
-    min_margin: float = Field(0.0, ge=0.0, description="skip prompts whose best and rejected scores differ by no more than this")
-    feedback_prompts: Optional[int] = Field(None, ge=1, description="training prompts used for AI feedback; none = all")
-    win_rate_prompts: int = Field(32, ge=1, description="held-out prompts for the final-vs-dSFT win rate")
-    engine: Literal["transformers", "vllm"] = Field(
-        "transformers", description="how the student's AI-feedback candidates are sampled (vllm: see vllm:)"
-    )
-
-
-class Config(Section):
-    output_dir: str
-    method: str = "logit"
-    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
-    teachers: Optional[list[TeacherConfig]] = Field(
-        None, description="several teachers (each a model or a cache, with a weight); replaces `teacher`"
-    )
-    cache: CacheConfig = Field(default_factory=CacheConfig)
-    student: Optional[StudentConfig] = None
-    data: DataConfig = Field(default_factory=DataConfig)
-    loss: LossConfig = Field(default_factory=LossConfig)
-    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    generate: Optional[GenerateConfig] = None
-    filters: FiltersConfig = Field(default_factory=FiltersConfig)
-    sequence: SequenceConfig = Field(default_factory=SequenceConfig)
-    on_policy: OnPolicyConfig = Field(default_factory=OnPolicyConfig)
-    on_policy_filter: OnPolicyFilterConfig = Field(default_factory=OnPolicyFilterConfig)
-    self_distill: SelfDistillConfig = Field(default_factory=SelfDistillConfig)
-    zephyr: ZephyrConfig = Field(default_factory=ZephyrConfig)
-    dpo: DPOConfig = Field(default_factory=DPOConfig)
-    rating: RatingConfig = Field(default_factory=RatingConfig)
-    progressive: ProgressiveConfig = Field(default_factory=ProgressiveConfig)
-    vllm: VllmConfig = Field(default_factory=VllmConfig)
+from kdistill.methods import method_class, method_names, method_sections, registry_version
+from kdistill.teachers import kind_names
+from kdistill.settings import (  # noqa: F401  (re-exported: the sections users and tests name)
+    CacheConfig,
+    CurriculumConfig,
+    DataConfig,
+    EvalConfig,
+    FeaturesConfig,
+    FiltersConfig,
+    GenerateConfig,
+    JudgeConfig,
+    LossConfig,
+    RunConfig,
+    Section,
+    StudentConfig,
+    TeacherApiConfig,
+    TeacherConfig,
+    TrainConfig,
+    VllmConfig,
+)
+
+
+class _MethodRules(RunConfig):
+    """Run-level checks that depend on the chosen method, answered by the method's class."""
 
     @field_validator("method")
     @classmethod
-    def _check_method(cls, v: str) -> str:
-        if v not in METHODS:
-            raise ValueError(f"unknown method {v!r}; expected one of {', '.join(METHODS)}")
+    def _known(cls, v: str) -> str:
+        names = method_names()
+        if v not in names:
+            hint = difflib.get_close_matches(v, names, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ValueError(f"unknown method {v!r}{extra}; expected one of {', '.join(names)}")
         return v
 
     @model_validator(mode="after")
-    def _method_defaults(self) -> "Config":
-        # GKD's defaults for on_policy: jsd (beta 0.5) and no hard-label term, unless set in loss:.
-        if self.method == "on_policy":
-            if "divergence" not in self.loss.model_fields_set:
-                self.loss.divergence = "jsd"
-            if "alpha" not in self.loss.model_fields_set:
-                self.loss.alpha = 1.0
-        if self.curriculum.by != "none" and self.method not in SINGLE_PASS:
-            raise ValueError(f"curriculum: applies to the single-pass methods ({', '.join(SINGLE_PASS)}); method "
+    def _method_rules(self) -> "_MethodRules":
+        m = method_class(self.method)
+        for key, value in m.loss_defaults.items():  # e.g. GKD's jsd for on_policy, unless set in loss:
+            if key not in self.loss.model_fields_set:
+                setattr(self.loss, key, value)
+        single = ", ".join(n for n in method_names() if method_class(n).single_pass)
+        if self.curriculum.by != "none" and not m.single_pass:
+            raise ValueError(f"curriculum: applies to the single-pass methods ({single}); method "
                              f"{self.method} builds its own training data per stage")
-        if self.eval.every is not None and self.method not in SINGLE_PASS:
-            raise ValueError(f"eval.every: applies to the single-pass methods ({', '.join(SINGLE_PASS)}); method "
+        if self.eval.every is not None and not m.single_pass:
+            raise ValueError(f"eval.every: applies to the single-pass methods ({single}); method "
                              f"{self.method} trains in several passes and reports each pass's figures itself")
-        if self.features.weight > 0 and self.method not in ("logit", "on_policy", "progressive"):
-            raise ValueError(f"features: feature distillation is a term of the logit loss (methods logit, on_policy, "
-                             f"progressive); method {self.method} does not use it")
-        if self.method == "progressive" and not self.progressive.layers:
-            raise ValueError("method progressive: set progressive.layers (the student sizes after stage 0, e.g. [12, 8])")
-        if self.method == "dpo" and self.dpo.pairs is None:
-            raise ValueError("method dpo: set dpo.pairs (a JSONL of prompt, chosen, rejected)")
+        if self.features.weight > 0 and not m.uses_features:
+            users = ", ".join(n for n in method_names() if method_class(n).uses_features)
+            raise ValueError(f"features: feature distillation is a term of the logit loss (methods {users}); "
+                             f"method {self.method} does not use it")
+        for i, t in enumerate(self.teachers or [self.teacher]):
+            if t.kind is not None and t.kind not in kind_names():
+                key = f"teachers[{i}]" if self.teachers else "teacher"
+                hint = difflib.get_close_matches(t.kind, kind_names(), n=1)
+                raise ValueError(f"{key}.kind: unknown teacher kind {t.kind!r}" + (f" (did you mean {hint[0]!r}?)" if hint
+                                 else "") + f"; registered: {', '.join(kind_names())}")
+        m.check_config(self)
         return self
 
-    @model_validator(mode="after")
-    def _teachers(self) -> "Config":
-        if self.teachers is not None:
-            if not self.teachers:
-                raise ValueError("teachers: give at least one teacher (each with model or cache)")
-            if self.teacher.model is not None or self.teacher.cache is not None:
-                raise ValueError("set either teacher or teachers, not both")
-            for i, t in enumerate(self.teachers):
-                if t.model is None and t.cache is None and (t.api is None or t.api.logprobs is None):
-                    raise ValueError(f"teachers[{i}]: give model, cache, or api with api.logprobs")
-        return self
+
+_SCHEMA: dict = {}
+
+
+def schema() -> type[RunConfig]:
+    """The config model: the run-level sections plus every registered method's section."""
+    version = registry_version()
+    if _SCHEMA.get("version") != version:
+        fields = {name: (cls, Field(default_factory=cls)) for name, cls in method_sections().items()}
+        _SCHEMA["model"] = create_model("Config", __base__=_MethodRules, **fields)
+        _SCHEMA["version"] = version
+    return _SCHEMA["model"]
+
+
+Config = RunConfig  # the type to annotate with; instances come from schema()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -633,23 +145,30 @@ def _allowed_keys(model_cls: type[BaseModel], loc: tuple) -> list[str]:
             if isinstance(cand, type) and issubclass(cand, BaseModel):
                 cls = cand
                 break
+            for inner in getattr(cand, "__args__", ()):  # Optional[list[Section]]
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    cls = inner
+                    break
+            else:
+                continue
+            break
         else:
             return []
     return [f.alias or name for name, f in getattr(cls, "model_fields", {}).items()]
 
 
-def format_validation_error(err: ValidationError, source: str, schema: type[BaseModel] = Config) -> str:
+def format_validation_error(err: ValidationError, source: str, model: Optional[type[BaseModel]] = None) -> str:
     """One line naming the key and what was expected."""
     e = err.errors()[0]
     loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     # Union/Literal validators append the branch type to loc ("list[int]", "literal[...]"); drop those.
     loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "bool"))))
-    key = ".".join(str(p) for p in loc) or "(top level)"
+    key = ".".join(str(p) for p in loc)
     msg = e["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     if e["type"] == "extra_forbidden":
-        allowed = _allowed_keys(schema, loc)
+        allowed = _allowed_keys(model or schema(), loc)
         hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         did = f"did you mean {hint[0]!r}? " if hint else ""
         msg = f"unknown key; {did}allowed here: {', '.join(allowed)}"
@@ -658,11 +177,11 @@ def format_validation_error(err: ValidationError, source: str, schema: type[Base
     elif "input" in e and e["type"] not in ("value_error", "assertion_error"):
         msg = f"{msg} (got {e['input']!r})"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{source}: {key}: {msg}{more}"
+    return f"{source}: {key}: {msg}{more}" if key else f"{source}: {msg}{more}"  # a whole-config rule names its keys
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, base: Optional[dict] = None) -> Config:
-    """Read a YAML config (or start from ``base``), apply overrides, validate.
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, base: Optional[dict] = None):
+    """Read a YAML config (or start from ``base``), apply overrides, validate against :func:`schema`.
 
     Raises :class:`ConfigError` with a one-line message on any problem.
     """
@@ -685,13 +204,14 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
         data.update(loaded)
     apply_overrides(data, overrides or [])
+    model = schema()
     try:
-        return Config.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source, model)) from None
 
 
-def check_paths(cfg: Config, need_train: bool = True) -> None:
+def check_paths(cfg, need_train: bool = True) -> None:
     """Fail early, before any model loads, on files that do not exist."""
     checks = []
     if cfg.data.tasks is not None:
@@ -723,6 +243,6 @@ def _looks_local(value: str) -> bool:
     )
 
 
-def dump_config(cfg: Config) -> str:
+def dump_config(cfg) -> str:
     """The resolved config (every default filled in) as YAML."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)

@@ -11,7 +11,6 @@ curriculum, Platanios et al. 2019). After that, training goes on with ordinary s
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Callable, Optional
 
 from kdistill.data import IGNORE_INDEX
 from kdistill.errors import ConfigError
+from kdistill.scoring import loglik_scores
+from kdistill.store import memo_json, read_json
 
 
 def difficulty(cc, features: list[dict], out: Path, teacher=None, pad_id: int = 0, vocab_size: int = 0,
@@ -26,20 +27,14 @@ def difficulty(cc, features: list[dict], out: Path, teacher=None, pad_id: int = 
     """One score per feature row (higher = harder), cached in ``out/curriculum.json``."""
     if cc.by == "length":
         return [float(sum(l != IGNORE_INDEX for l in f["labels"])) for f in features]
-    path = Path(out) / "curriculum.json"
     ids = [f["id"] for f in features]
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("by") == cc.by and saved.get("ids") == ids:
-            return saved["scores"]
-    if teacher is None:
+    path = Path(out) / "curriculum.json"
+    same = lambda v: isinstance(v, dict) and v.get("by") == cc.by and v.get("ids") == ids  # noqa: E731
+    if teacher is None and not same(read_json(path)):
         raise ConfigError("curriculum.by: teacher_loss needs a live teacher model (teacher.model) with the "
-                         "student's tokenizer; use by: length otherwise")
-    from kdistill.feedback import loglik_scores, on_main
-
-    scores = [-s for s in loglik_scores(teacher, features, pad_id, vocab_size, batch_size)]
-    on_main(lambda: path.write_text(json.dumps({"by": cc.by, "ids": ids, "scores": scores})))
-    return scores
+                          "student's tokenizer; use by: length otherwise")
+    scores = lambda: [-s for s in loglik_scores(teacher, features, pad_id, vocab_size, batch_size)]  # noqa: E731
+    return memo_json(path, lambda: {"by": cc.by, "ids": ids, "scores": scores()}, valid=same)["scores"]
 
 
 def schedule(cc, scores: list[float], batch_size: int, seed: int, total_steps: int,

@@ -21,7 +21,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
@@ -264,6 +264,11 @@ class Renderer:
         return {"input_ids": ids, "labels": labels, "id": example.id}
 
 
+def renderer_for(cfg, tokenizer) -> Renderer:
+    """The renderer a run uses for ``tokenizer``: ``data.max_length``, ``system_prompt``, ``chat_template``."""
+    return Renderer(tokenizer, cfg.data.max_length, cfg.data.system_prompt, cfg.data.chat_template)
+
+
 def encode_examples(renderer: Renderer, examples: list[Example], drop_empty: bool = True) -> tuple[list[dict], int]:
     """Encode rows; returns ``(features, n_without_trainable_tokens)``.
 
@@ -310,3 +315,12 @@ def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Te
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def completion_feature(prompt_ids: Sequence[int], completion: Sequence[int], row_id=None, max_length: Optional[int] = None) -> dict:
+    """A training row: ``input_ids`` = prompt + completion, ``labels`` -100 on the prompt."""
+    ids = list(prompt_ids) + list(completion)
+    labels = [IGNORE_INDEX] * len(prompt_ids) + list(completion)
+    if max_length is not None:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "labels": labels, "id": row_id}

@@ -14,19 +14,23 @@ Retention is each metric as a student/teacher ratio oriented so 1.0 means parity
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 import threading
 import time
-from typing import Optional
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from kdistill.data import IGNORE_INDEX, Example, Renderer, collate
-from kdistill.generation import eos_ids, hf_model, sample_completions
 from kdistill.losses import divergence
-from kdistill.teachers.local import final_hidden, supports_hidden
+from kdistill.models import final_hidden, load_saved, save_model, supports_hidden
+from kdistill.sampling import sample_texts
+from kdistill.store import on_main, read_json, write_json
 
 HIGHER_IS_BETTER = {"accuracy": True, "top1_agreement": True, "perplexity": False, "kl_to_teacher": False}
 
@@ -159,30 +163,6 @@ def matches(output: str, reference: str, how: str = "contains") -> bool:
     return re.search(r"(?<!\w)" + re.escape(ref) + r"(?!\w)", out) is not None
 
 
-def generate(
-    model: nn.Module,
-    tokenizer,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    batch_size: int = 8,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    min_new_tokens: int = 0,
-    device=None,
-    finish_reasons: Optional[list] = None,
-) -> list[str]:
-    """Batched generation (greedy unless ``do_sample``); the decoded new text of each prompt.
-
-    ``finish_reasons``: a list to append each row's ``"stop"`` (ended with EOS) or ``"length"`` to.
-    """
-    comps = sample_completions(model, tokenizer, prompts, max_new_tokens, temperature if do_sample else 0.0,
-                               batch_size, device=device, min_new_tokens=min_new_tokens)
-    if finish_reasons is not None:
-        eos = set(eos_ids(hf_model(model), tokenizer))
-        finish_reasons += ["stop" if c and c[-1] in eos else "length" for c in comps]
-    return [tokenizer.decode(c, skip_special_tokens=True).strip() for c in comps]
-
-
 def task_accuracy(
     model, tokenizer, renderer: Renderer, examples: list[Example], max_new_tokens: int, batch_size: int, how: str
 ) -> tuple[Optional[float], list[str]]:
@@ -190,7 +170,7 @@ def task_accuracy(
     rows = [e for e in examples if e.reference is not None]
     if not rows:
         return None, []
-    outputs = generate(model, tokenizer, [renderer.prompt_ids(e) for e in rows], max_new_tokens, batch_size)
+    outputs = sample_texts(model, tokenizer, [renderer.prompt_ids(e) for e in rows], max_new_tokens, batch_size)
     hits = sum(matches(o, e.reference, how) for o, e in zip(outputs, rows))
     return hits / len(rows), outputs
 
@@ -253,7 +233,7 @@ def measure_speed(model: nn.Module, tokenizer, prompts: list[list[int]], new_tok
     if not prompts:
         return {}
     device = device or next(model.parameters()).device
-    generate(model, tokenizer, prompts[:1], 2, len(prompts), device=device)  # warm-up
+    sample_texts(model, tokenizer, prompts[:1], 2, len(prompts), device=device)  # warm-up
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -261,7 +241,7 @@ def measure_speed(model: nn.Module, tokenizer, prompts: list[list[int]], new_tok
         base = torch.cuda.memory_allocated(device)
     t0 = time.perf_counter()
     with _PeakRSS() as rss:
-        generate(model, tokenizer, prompts, new_tokens, len(prompts), min_new_tokens=new_tokens, device=device)
+        sample_texts(model, tokenizer, prompts, new_tokens, len(prompts), min_new_tokens=new_tokens, device=device)
     if cuda:
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -293,3 +273,88 @@ def retention(student: dict, teacher: dict) -> dict:
         elif key == "accuracy" and t:
             out[key] = s / t
     return {k: (round(v, 4) if v is not None else None) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# one model's held-out figures, and keeping the best student
+
+
+def heldout_figures(model: nn.Module, tokenizer, renderer: Renderer, rows: list[Example], feats: list[dict], ecfg,
+                    vocab_size: int, teacher: Optional[nn.Module] = None, is_teacher: bool = False,
+                    device=None) -> dict:
+    """Held-out logit metrics and task accuracy of one model (its outputs kept for the samples); per
+    task too when the rows come from several ``data.tasks``.
+
+    ``teacher``: the teacher model to measure KL and top-1 agreement against (same tokenizer), or
+    None. ``is_teacher``: the model *is* the teacher (KL 0, agreement 1; with
+    ``eval.teacher_answers: data`` its answers are the rows' responses, not generated again).
+    """
+
+    def measure(sub_rows, sub_feats) -> dict:
+        metrics = logit_metrics(model, sub_feats, tokenizer.pad_token_id, vocab_size, teacher=teacher,
+                                batch_size=ecfg.batch_size, device=device)
+        if is_teacher:
+            metrics["kl_to_teacher"] = 0.0
+            metrics["top1_agreement"] = 1.0
+        outputs: list[str] = []
+        if ecfg.generate and is_teacher and ecfg.teacher_answers == "data":
+            acc, outputs = scored_answers(sub_rows, ecfg.match)
+        elif ecfg.generate:
+            acc, outputs = task_accuracy(model, tokenizer, renderer, sub_rows, ecfg.max_new_tokens, ecfg.batch_size,
+                                         ecfg.match)
+        else:
+            acc = None
+        if acc is not None:
+            metrics["accuracy"] = acc
+        return {"metrics": {k: round(v, 6) for k, v in metrics.items()}, "outputs": outputs}
+
+    return by_task(rows, feats, measure)
+
+
+def eval_fingerprint(cfg, eval_rows: list[Example]) -> str:
+    """What a model's held-out figures depend on: the rows, how they are rendered, the eval settings."""
+    key = {
+        "rows": [[e.id, e.messages, e.response, e.reference] for e in eval_rows],
+        "data": [cfg.data.max_length, cfg.data.system_prompt, cfg.data.chat_template],
+        "eval": [cfg.eval.generate, cfg.eval.max_new_tokens, cfg.eval.match],
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class BestKeeper:
+    """``eval.every``: ``measure(student) -> metrics`` on the held-out rows every N steps; with
+    ``eval.select_best``, the best student so far is saved in ``OUTPUT/best/`` (and ``best.json``;
+    a resumed run keeps it). Shared by every single-pass method (the trainer's ``evaluator``)."""
+
+    def __init__(self, metric: Optional[str], measure: Callable[[Any], dict], out: Path, say: Callable[[str], None],
+                 fresh: bool):
+        self.measure, self.out, self.say, self.metric = measure, Path(out), say, metric
+        if fresh:  # a fresh run: forget a previous run's best
+            on_main(lambda: (self.out / "best.json").unlink(missing_ok=True))
+
+    def best(self) -> Optional[dict]:
+        return read_json(self.out / "best.json")
+
+    def __call__(self, step: int, wrapper) -> dict:
+        student = getattr(wrapper, "model", wrapper)
+        metrics = self.measure(student)
+        value = metrics.get(self.metric) if self.metric else None
+        if value is None:
+            return metrics
+        best = self.best()
+        higher = HIGHER_IS_BETTER.get(self.metric, True)
+        if best is None or (value > best["value"] if higher else value < best["value"]):
+            save_model(student, self.out / "best")
+            write_json(self.out / "best.json", {"step": step, "metric": self.metric, "value": value})
+        return metrics
+
+    def select(self, student, training: dict):
+        """After training: the best student (``eval.select_best``) instead of the last one, recorded in
+        ``training["selected"]``; the last student when there is no selection."""
+        best = self.best() if self.metric else None
+        if best is None:
+            return student
+        self.say(f"selected the student of step {best['step']} ({best['metric']} {best['value']}), not the last one "
+                 "(eval.select_best)")
+        training["selected"] = best
+        return load_saved(student, self.out / "best")

@@ -32,6 +32,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from kdistill.data import Example
+from kdistill.evaluate import matches
+from kdistill.scoring import parse_score
+from kdistill.store import JsonlStore
 
 log = logging.getLogger("kdistill")
 
@@ -50,18 +53,7 @@ DEFAULT_JUDGE_PROMPT = (
     "[Question]\n{prompt}\n\n[Response]\n{response}"
 )
 
-_SCORE_RE = re.compile(r"score\s*[:=]?\s*\**\s*(\d+(?:\.\d+)?)", re.I)
-_NUM_RE = re.compile(r"(\d+(?:\.\d+)?)")
-
 ORDER = ("empty", "truncated", "length", "refusal", "format", "reference", "duplicate", "judge", "judge_error")
-
-
-def parse_score(text: Optional[str]) -> Optional[float]:
-    """The number after ``Score:`` (else the first number) in a judge's answer; None if there is none."""
-    if not text:
-        return None
-    m = _SCORE_RE.search(text) or _NUM_RE.search(text)
-    return float(m.group(1)) if m else None
 
 
 def judge_prompt(template: Optional[str], ex: Example) -> str:
@@ -87,8 +79,6 @@ def _is_json(text: str) -> bool:
 
 
 def _first_failure(ex: Example, fc, refusals: list[re.Pattern], fmt: Optional[re.Pattern]) -> Optional[str]:
-    from kdistill.evaluate import matches
-
     text = ex.response or ""
     if fc.empty and not text.strip():
         return "empty"
@@ -114,18 +104,12 @@ def _first_failure(ex: Example, fc, refusals: list[re.Pattern], fmt: Optional[re
 
 
 class JudgeCache:
-    """Judge scores by (row id, response hash), appended to a JSONL file as they arrive."""
+    """Judge scores by (row id, response hash), appended to a JSONL file as they arrive
+    (:class:`kdistill.store.JsonlStore`: a rerun asks the judge only about rows it has not scored)."""
 
     def __init__(self, path: Optional[Path]):
-        self.path = path
-        self.scores: dict[str, Optional[float]] = {}
-        if path is not None and path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                    self.scores[row["key"]] = row["score"]
-                except (ValueError, KeyError, TypeError):
-                    continue  # a torn last line from an interrupted run
+        self.store = JsonlStore(path, key="key", shared=False) if path is not None else None
+        self.scores: dict[str, Optional[float]] = {k: r.get("score") for k, r in (self.store.rows if self.store else {}).items()}
 
     @staticmethod
     def key(ex: Example) -> str:
@@ -133,10 +117,8 @@ class JudgeCache:
 
     def add(self, key: str, score: Optional[float], raw: Optional[str]) -> None:
         self.scores[key] = score
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"key": key, "score": score, "judge": (raw or "")[:200]}) + "\n")
+        if self.store is not None:
+            self.store.append([{"key": key, "score": score, "judge": (raw or "")[:200]}])
 
 
 JudgeFn = Callable[[list[str]], list[Optional[str]]]  # judge prompts -> the judge's raw answers (None = failed)
@@ -196,31 +178,3 @@ def apply_filters(rows: list[Example], fc, judge: Optional[JudgeFn] = None, cach
         kept = survivors
     report = {"total": total, "kept": len(kept), "dropped": {k: dropped[k] for k in ORDER if k in dropped}}
     return kept, report
-
-
-def make_judge(cfg, local=None) -> JudgeFn:
-    """A judge from the config's teacher: the API teacher if set, else the local model ``local=(model, tok)``."""
-    jc = cfg.filters.judge
-    if cfg.teacher.api is not None:
-        from kdistill.teachers.api import ApiTeacher, Job
-
-        api = ApiTeacher(cfg.teacher.api)
-
-        def judge_api(prompts: list[str]) -> list[Optional[str]]:
-            jobs = [Job(i, [{"role": "user", "content": p}], 0.0, jc.max_new_tokens) for i, p in enumerate(prompts)]
-            return [c.text for c in api.complete_many(jobs)]
-
-        return judge_api
-    if local is None:
-        raise ValueError("filters.judge needs teacher.api or a local teacher.model")
-    model, tok = local
-
-    def judge_local(prompts: list[str]) -> list[Optional[str]]:
-        from kdistill.data import Renderer
-        from kdistill.evaluate import generate
-
-        r = Renderer(tok, max_length=10**9, chat_template=cfg.data.chat_template)
-        ids = [r.prompt_ids(Example(str(i), [{"role": "user", "content": p}], None)) for i, p in enumerate(prompts)]
-        return generate(model, tok, ids, jc.max_new_tokens, cfg.eval.batch_size)
-
-    return judge_local

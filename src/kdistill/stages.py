@@ -1,20 +1,29 @@
-"""The hook for methods that train in several passes (rounds, stages).
+"""What a multi-pass method runs its stages with.
 
 A single-pass method just gives the trainer its batches and loss. A multi-pass method
-(``on_policy_filter``, ``self_distill``, ``zephyr``) overrides :meth:`Method.fit
-<kdistill.methods.base.Method.fit>` and gets a :class:`StageRunner` from the pipeline: it runs the
-shared trainer on any features, method and output folder (each pass in its own folder, so each
-resumes from its own ``checkpoints/``), and evaluates a model on the held-out rows. The pipeline
-then evaluates the returned student and writes the usual report, with the method's own figures.
+(``on_policy_filter``, ``self_distill``, ``zephyr``, ``dpo``, ``progressive``) overrides
+:meth:`Method.fit <kdistill.methods.base.Method.fit>` and gets a :class:`StageRunner` from the run:
+it runs the shared trainer on any features, method and output folder (each stage in its own
+folder, so each resumes from its own ``checkpoints/``; :func:`kdistill.store.run_stage` skips a
+finished one), and evaluates a model on the held-out rows. The run then evaluates the returned
+student and writes the usual report, with the method's own figures.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from accelerate import Accelerator, PartialState
 from torch import nn
+
+from kdistill.data import collate
+from kdistill.evaluate import logit_metrics
+from kdistill.models import StudentLM
+from kdistill.store import on_main
+from kdistill.trainer import train
 
 
 @dataclass
@@ -36,12 +45,6 @@ class StageRunner:
         ``tcfg`` (default: the config's ``train`` section) may be a modified copy, e.g. with
         other ``max_steps``. A fresh accelerator per pass keeps each pass's checkpoints its own.
         """
-        from accelerate import Accelerator
-
-        from kdistill.data import collate
-        from kdistill.methods.base import StudentLM
-        from kdistill.trainer import train
-
         tcfg = tcfg or self.cfg.train
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         acc = Accelerator(mixed_precision=tcfg.mixed_precision)
@@ -53,8 +56,6 @@ class StageRunner:
 
     def evaluate(self, model: nn.Module) -> dict:
         """Held-out perplexity, KL to the teacher and top-1 agreement (no generation)."""
-        from kdistill.evaluate import logit_metrics
-
         if not self.eval_feats:
             return {}
         m = logit_metrics(model, self.eval_feats, self.tokenizer.pad_token_id, self.vocab_size,
@@ -72,16 +73,12 @@ def train_config(tcfg, **changes):
 
 def process_seed(seed: int) -> int:
     """``seed`` for process 0, a distinct one for every other process (their own sampling streams)."""
-    from accelerate import PartialState
-
     return seed + 100_003 * PartialState().process_index
 
 
 def combine_metrics(output_dir: Path, passes: list[tuple[str, Path]]) -> None:
     """``output_dir/metrics.jsonl`` from each pass's own, steps numbered on, each row tagged with
     its ``stage`` (so the report's loss plot covers the whole run)."""
-    import json
-
     rows, offset = [], 0
     for name, folder in passes:
         p = Path(folder) / "metrics.jsonl"
@@ -91,7 +88,6 @@ def combine_metrics(output_dir: Path, passes: list[tuple[str, Path]]) -> None:
         for r in part:
             rows.append({**r, "step": r["step"] + offset, "stage": name})
         offset += max((r["step"] for r in part), default=0)
-    from kdistill.feedback import on_main
 
     def write():
         Path(output_dir).mkdir(parents=True, exist_ok=True)

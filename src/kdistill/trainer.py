@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from kdistill.methods.base import Method
+from kdistill.curriculum import schedule
 
 
 @dataclass
@@ -56,7 +56,7 @@ def _move(batch: dict, device) -> dict:
 
 def train(
     model: nn.Module,
-    method: Method,
+    method,
     features: list[dict],
     collate_fn: Callable[[list[dict]], dict],
     tcfg,
@@ -66,7 +66,8 @@ def train(
     curriculum=None,
     evaluator=None,
 ) -> TrainResult:
-    """Train ``model`` (a :class:`~kdistill.methods.base.StudentLM`) in place.
+    """Train ``model`` (a :class:`~kdistill.models.student.StudentLM`) in place with ``method`` (a
+    :class:`~kdistill.methods.base.Method`: ``prepare_batch``, ``num_items``, ``loss``).
 
     Args:
         features: encoded rows (``input_ids``, ``labels``, ``id``).
@@ -122,8 +123,6 @@ def train(
 
     pick = None
     if curriculum is not None:
-        from kdistill.curriculum import schedule
-
         cc, scores = curriculum
         pick = schedule(cc, scores, tcfg.batch_size, tcfg.seed, total_steps, ga * world)
 

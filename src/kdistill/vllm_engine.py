@@ -13,8 +13,8 @@ vLLM is an optional extra (``pip install 'kdistill[vllm]'``, a CUDA GPU). Two us
   must not be reused. With ``vllm.enable_sleep_mode`` the engine frees its GPU memory between
   generations (``sleep(level=2)``) and is woken, reloaded and used again on the next one.
 
-The sampler has the same call shape as :func:`kdistill.generation.sample_completions`'s wrapper
-:class:`kdistill.generation.HFSampler`: ``sampler(model, prompt_ids, max_new_tokens, temperature,
+The sampler has the same call shape as :func:`kdistill.sampling.sample_completions`'s wrapper
+:class:`kdistill.sampling.HFSampler`: ``sampler(model, prompt_ids, max_new_tokens, temperature,
 num_samples)`` returns completion ids cut after the first EOS (EOS kept).
 """
 
@@ -28,7 +28,7 @@ from typing import Optional
 from torch import nn
 
 from kdistill.errors import ConfigError
-from kdistill.generation import cut_at_eos, eos_ids, hf_model
+from kdistill.models.introspect import cut_at_eos, eos_ids, hf_model
 
 
 def import_vllm(key: str):

@@ -1,51 +1,23 @@
-"""Distillation methods. A method decides which sequences are trained on and which loss.
+"""Distillation methods: one module per method, each a :class:`Method` subclass registered by name.
 
-The trainer (``kdistill.trainer``) is the same for every method. It asks a method three things
-per micro-batch: :meth:`Method.prepare_batch` (e.g. replace the batch with student samples),
-:meth:`Method.num_items` (how many tokens/sequences the loss averages over, summed across the
-whole optimizer step and all processes by the trainer), and :meth:`Method.loss`.
+* :mod:`~kdistill.methods.logit` — white-box KD on the teacher's token distributions (``logit``);
+* :mod:`~kdistill.methods.on_policy` — generalized KD on the student's own samples (``on_policy``);
+* :mod:`~kdistill.methods.sequence` — black-box KD on the teacher's written answers (``sequence``);
+* :mod:`~kdistill.methods.candidates` — sample, score, keep the best, fine-tune
+  (``on_policy_filter``, ``self_distill``);
+* :mod:`~kdistill.methods.zephyr` — dSFT -> AI feedback -> dDPO (``zephyr``);
+* :mod:`~kdistill.methods.dpo` — DPO on preference pairs (``dpo``);
+* :mod:`~kdistill.methods.progressive` — shrink in stages, distilling at each size (``progressive``).
 
-Register a new method with :func:`register`; ``method: NAME`` in a config selects it.
+A new method is one module: a :class:`Method` subclass with its declarations (see
+:mod:`kdistill.methods.base`) and ``@register``. Importing this package registers the built-in ones.
 """
 
-from __future__ import annotations
+# registration order is the order `method:` values are listed in messages
+from kdistill.methods import logit, on_policy, sequence  # noqa: F401  isort: skip
+from kdistill.methods import candidates, zephyr, dpo, progressive  # noqa: F401  isort: skip
+from kdistill.methods.base import (Method, RunContext, build_method, method_class, method_names, method_sections,
+                                   register, registry_version, unregister)
 
-from typing import Callable
-
-from kdistill.methods.base import Method, RunContext
-
-_REGISTRY: dict[str, Callable[[RunContext], Method]] = {}
-
-
-def register(name: str, needs_responses: bool = True):
-    """``needs_responses=False``: the method writes its own answers, so prompt-only rows are fine."""
-
-    def deco(factory):
-        _REGISTRY[name] = factory
-        factory.needs_responses = needs_responses
-        return factory
-
-    return deco
-
-
-def needs_responses(name: str) -> bool:
-    """Whether ``method: name`` trains on the dataset's responses (unknown names: True)."""
-    _load_builtin()
-    return getattr(_REGISTRY.get(name), "needs_responses", True)
-
-
-def build_method(name: str, ctx: RunContext) -> Method:
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise KeyError(name)
-    return _REGISTRY[name](ctx)
-
-
-def _load_builtin() -> None:
-    from kdistill.methods import logit  # noqa: F401
-    from kdistill.methods import sequence  # noqa: F401  (issue 4)
-    from kdistill.methods import dpo, on_policy, rounds, zephyr  # noqa: F401  (issue 6)
-    from kdistill.methods import progressive  # noqa: F401
-
-
-__all__ = ["Method", "RunContext", "build_method", "register"]
+__all__ = ["Method", "RunContext", "build_method", "method_class", "method_names", "method_sections", "register",
+           "registry_version", "unregister"]

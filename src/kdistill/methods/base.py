@@ -1,4 +1,29 @@
-"""The method interface and the context a method is built from."""
+"""What a distillation method is: the class every method derives from, and the method registry.
+
+A method decides which sequences the student trains on and with which loss. It *declares* what it
+needs, so that the config, the run and the teachers ask it instead of keeping lists of names:
+
+==================  ==========================================================================
+``name``            the ``method:`` value that selects it
+``sections``        its config sections ``{name: Section class}`` (e.g. ``{"on_policy": ...}``)
+``needs_responses`` trains on the dataset's responses (False: prompt-only rows are fine)
+``single_pass``     one pass of the shared trainer (curriculum and ``eval.every`` apply); a
+                    multi-pass method overrides :meth:`Method.fit` and runs its own stages
+``uses_loss``       the ``loss:`` divergence settings apply (named in the run's messages)
+``uses_features``   a ``features:`` (hidden-state) term may be added to its loss
+``shares_vocab``    teacher and student must tokenize alike (token-level signal)
+``loss_defaults``   ``loss:`` keys it sets unless the config does (e.g. GKD's jsd)
+``teacher_needs``   what it needs of the teacher, from the config: a subset of
+                    :data:`kdistill.teachers.base.OFFERS` (empty: a teacher is optional)
+``check_config``    its own config rules (raise ``ValueError`` with the key and the fix)
+==================  ==========================================================================
+
+Per micro-batch the trainer asks a method :meth:`Method.prepare_batch`, :meth:`Method.num_items`
+(the global count the loss averages over) and :meth:`Method.loss`.
+
+Register with :func:`register` (a class decorator); ``method: NAME`` then selects it, its sections
+join the config schema, and ``kdistill run`` runs it through the same phases as every method.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +34,16 @@ import torch
 from torch import nn
 
 from kdistill.data import IGNORE_INDEX
-from kdistill.generation import hf_model
-from kdistill.losses import label_logprobs
-from kdistill.teachers.local import block_outputs, decoder_states, final_hidden, supports_hidden
+from kdistill.models.student import model_label_logprobs
 
 
 @dataclass
 class RunContext:
-    """Everything a method may need, built once by the pipeline."""
+    """Everything a method may need, built once by the run."""
 
-    cfg: Any  # kdistill.config.Config
-    tokenizer: Any
-    teacher: Any  # a teacher (LocalTeacher, cache, ...) or None
+    cfg: Any  # the validated config (kdistill.config.schema())
+    tokenizer: Any  # the student's
+    teacher: Any  # a kdistill.teachers.base.Teacher, or None
     vocab_size: int
     output_dir: Any
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -30,73 +53,45 @@ class RunContext:
     extra: dict = field(default_factory=dict)
 
 
-class StudentLM(nn.Module):
-    """Wraps a causal LM so one ``forward`` returns either logits or (hidden, output weight).
-
-    Wrapping (rather than calling ``model.get_decoder()`` from the loss) keeps the forward inside
-    the module that accelerate/DDP prepares, so gradient synchronisation works on many GPUs. Modules
-    trained beside the student but not part of it (feature adapters) ride along as ``extra``: they
-    are optimized and checkpointed with it, and left out of the saved student.
-    """
-
-    def __init__(self, model: nn.Module, extra: Optional[nn.Module] = None):
-        super().__init__()
-        self.model = model
-        self.extra = extra
-        self.can_fuse = supports_hidden(model)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: bool = False,
-                feature_layers=None):
-        """``hidden``: ``(final hidden [B, T, H], output weight [V, H])``, else logits ``[B, T, V]``;
-        with ``feature_layers``, one more item: ``{block i: its output [B, T, H]}``."""
-        if hidden:
-            if not self.can_fuse:
-                raise RuntimeError("this model's logits are not hidden @ W.T; use the plain path")
-            w = self.model.get_output_embeddings().weight
-            if feature_layers:
-                h, feats = decoder_states(self.model, input_ids, attention_mask, feature_layers)
-                return h, w, feats
-            return final_hidden(self.model, input_ids, attention_mask), w
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                         output_hidden_states=bool(feature_layers))
-        if feature_layers:
-            return out.logits, block_outputs(out.hidden_states, feature_layers)
-        return out.logits
-
-
-def model_label_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         labels: torch.Tensor, vocab_size: int, chunk_size="auto") -> torch.Tensor:
-    """``[batch, seq]`` float32 log-probabilities of the (aligned) labels under ``model``; 0 at -100.
-
-    ``model`` is a :class:`StudentLM` (possibly DDP-wrapped) or a plain causal LM. When its logits
-    are ``hidden @ W.T`` the vocabulary projection is chunked (:func:`kdistill.losses.label_logprobs`:
-    no ``[tokens x vocab]`` tensor); otherwise the model's logits are used as they are.
-    """
-    inner = getattr(model, "module", model)
-    if isinstance(inner, StudentLM):
-        if inner.can_fuse:
-            h, w = model(input_ids, attention_mask, hidden=True)
-            return label_logprobs(h, w[:vocab_size], labels, chunk_size)
-        logits = model(input_ids, attention_mask)[..., :vocab_size]
-    else:
-        hf = hf_model(model)
-        if supports_hidden(hf):
-            h = final_hidden(hf, input_ids, attention_mask)
-            return label_logprobs(h, hf.get_output_embeddings().weight[:vocab_size], labels, chunk_size)
-        logits = hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[..., :vocab_size]
-    mask = labels != IGNORE_INDEX
-    lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return lp * mask
-
-
 class Method:
     """Base class: supervised on the batch's own labels (cross-entropy). Override :meth:`loss`."""
 
     name = "base"
+    sections: dict = {}
+    needs_responses = True
+    single_pass = True
+    uses_loss = False
+    uses_features = False
+    shares_vocab = True
+    loss_defaults: dict = {}
     looks_ahead = False  # True: the trainer hands over the next step's micro-batches early (lookahead)
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
+
+    # -- declarations (class level, asked before any model loads) ------------------------------
+
+    @classmethod
+    def teacher_needs(cls, cfg) -> frozenset:
+        """What this method needs of the teacher with this config (see ``OFFERS``)."""
+        return frozenset()
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Method-specific config rules; raise ``ValueError("key: what is wrong")``."""
+
+    @classmethod
+    def rows_after_teacher(cls, cfg) -> bool:
+        """Whether :meth:`training_rows` needs the teacher (e.g. sequence's ``generate:``): then the run
+        asks for the rows after loading it, else before anything is written."""
+        return False
+
+    @classmethod
+    def training_rows(cls, run) -> tuple[list, list]:
+        """``(train rows, held-out rows)``; by default the ``data:`` rows (``run.read_rows()``)."""
+        return run.read_rows()
+
+    # -- per run ---------------------------------------------------------------------------
 
     def trainable_modules(self) -> Optional[nn.Module]:
         """Modules the method trains beside the student (e.g. feature adapters); None = none."""
@@ -105,6 +100,10 @@ class Method:
     def train_features(self) -> Optional[list[dict]]:
         """Encoded training rows; None = the dataset's rows as they are."""
         return None
+
+    def eval_rows(self, rows: list) -> list:
+        """The held-out rows as the student is prompted with them (e.g. with a task prefix)."""
+        return rows
 
     def prepare_batch(self, batch: dict, model: nn.Module) -> dict:
         """Hook to replace or extend a batch before the loss (e.g. with student samples)."""
@@ -126,15 +125,78 @@ class Method:
                                   self.ctx.vocab_size, self.ctx.cfg.loss.chunk_size)
         return -lp.sum() / num_items, {}
 
+    def describe(self) -> str:
+        """How the run names this training in its log line."""
+        if self.uses_loss:
+            lc = self.ctx.cfg.loss
+            return f"{self.name}, {lc.divergence}, T={lc.temperature}, alpha={lc.alpha}"
+        return self.name
+
     def summary(self) -> dict:
         """Method-specific figures for the report."""
         return {}
 
-    def fit(self, student: nn.Module, runner) -> Optional[tuple[nn.Module, dict]]:
-        """Multi-pass hook: train ``student`` in several trainer passes (rounds, stages).
+    def report_extras(self) -> dict:
+        """Top-level ``report.json`` entries this method adds (e.g. sequence's ``filters``)."""
+        return {}
 
-        ``runner`` is a :class:`kdistill.stages.StageRunner` (``runner.train(...)`` runs the shared
+    def fit(self, student: nn.Module, stages) -> Optional[tuple[nn.Module, dict]]:
+        """Multi-pass hook: train ``student`` in several trainer passes (stages).
+
+        ``stages`` is a :class:`kdistill.stages.StageRunner` (``stages.train(...)`` runs the shared
         trainer on any features and output folder). Return ``(trained student, training summary)``;
         the default ``None`` means one ordinary pass of the trainer with this method.
         """
         return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the registry
+
+_REGISTRY: dict[str, type[Method]] = {}
+_VERSION = [0]
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: ``method: cls.name`` selects ``cls``; its ``sections`` join the config schema."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)) or cls.name in ("", "base"):
+        raise TypeError("register a Method subclass with its own `name`")
+    _REGISTRY[cls.name] = cls
+    _VERSION[0] += 1
+    return cls
+
+
+def unregister(name: str) -> None:
+    """Remove a method (tests that register a toy method clean up with this)."""
+    if _REGISTRY.pop(name, None) is not None:
+        _VERSION[0] += 1
+
+
+def method_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in _REGISTRY:
+        raise KeyError(name)
+    return _REGISTRY[name]
+
+
+def method_sections() -> dict[str, type]:
+    """Every registered method's config sections (a section shared by two methods is one class)."""
+    out: dict[str, type] = {}
+    for m in _REGISTRY.values():
+        for key, cls in m.sections.items():
+            if out.setdefault(key, cls) is not cls:
+                raise TypeError(f"config section {key!r} is declared twice with different classes")
+    return out
+
+
+def registry_version() -> int:
+    """Changes whenever a method is (un)registered (the config schema is rebuilt then)."""
+    return _VERSION[0]
+
+
+def build_method(name: str, ctx: RunContext) -> Method:
+    """An instance of ``method: name`` for this run (its constructor checks what it was given)."""
+    return method_class(name)(ctx)

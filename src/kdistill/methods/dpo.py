@@ -18,14 +18,25 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from pydantic import Field
 
 from kdistill.data import IGNORE_INDEX, Example, collate, parse_row, read_jsonl
 from kdistill.errors import DataError
-from kdistill.feedback import hf_model, load_saved, mark_done, save_model, stage_done
 from kdistill.losses import dpo_loss
-from kdistill.methods import register
-from kdistill.methods.base import Method, RunContext, model_label_logprobs
+from kdistill.methods.base import Method, RunContext, register
+from kdistill.models import hf_model, load_saved, model_label_logprobs, save_model
+from kdistill.settings import Section
 from kdistill.stages import combine_metrics, train_config
+from kdistill.store import run_stage
+
+class DPOConfig(Section):
+    """DPO (Rafailov et al. 2023): zephyr's third stage, or ``method: dpo`` on a pairs file."""
+
+    beta: float = Field(0.1, gt=0.0, description="strength of the KL anchor to the reference model")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="conservative DPO: assumed share of flipped labels")
+    pairs: Optional[str] = Field(None, description="method dpo: JSONL of {id?, prompt|messages, chosen, rejected}")
+    max_steps: Optional[int] = Field(None, ge=1, description="DPO optimizer steps (none = train.max_steps)")
+    learning_rate: Optional[float] = Field(None, gt=0.0, description="none = train.learning_rate")
 
 
 def encode_pair(renderer, example: Example, chosen: str, rejected: str, pair_id: str) -> Optional[dict]:
@@ -140,9 +151,12 @@ def dpo_stage(ctx: RunContext, runner, student, reference, pairs: list[dict], st
     The summary has the pairs' margins before and after training, and the trainer's figures.
     """
     stage_dir = Path(stage_dir)
-    done = stage_done(stage_dir)
-    if done is not None:
-        return load_saved(student, stage_dir / "student"), done
+    return run_stage(stage_dir, lambda: _dpo_stage(ctx, runner, student, reference, pairs, stage_dir, beta,
+                                                   label_smoothing, tcfg),
+                     lambda done: load_saved(student, stage_dir / "student"))
+
+
+def _dpo_stage(ctx, runner, student, reference, pairs, stage_dir: Path, beta: float, label_smoothing: float, tcfg):
     if not pairs:
         raise DataError("dpo: no preference pairs to train on")
     pad, V = ctx.tokenizer.pad_token_id, ctx.vocab_size
@@ -159,12 +173,20 @@ def dpo_stage(ctx: RunContext, runner, student, reference, pairs: list[dict], st
         "seconds": round(time.time() - t0, 1), "before": before, "after": after, "training": method.summary(),
         "heldout": runner.evaluate(student),
     }
-    mark_done(stage_dir, summary)
     return student, summary
 
 
+@register
 class StandaloneDPO(DPOMethod):
     """``method: dpo``: DPO on ``dpo.pairs`` with the initial student as the frozen reference."""
+
+    sections = {"dpo": DPOConfig}
+    single_pass = False
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.dpo.pairs is None:
+            raise ValueError("method dpo: set dpo.pairs (a JSONL of prompt, chosen, rejected)")
 
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
@@ -198,7 +220,3 @@ class StandaloneDPO(DPOMethod):
     def summary(self) -> dict:
         return self.stage
 
-
-@register("dpo")
-def _build(ctx: RunContext) -> StandaloneDPO:
-    return StandaloneDPO(ctx)

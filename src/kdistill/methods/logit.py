@@ -11,13 +11,19 @@ from __future__ import annotations
 
 from kdistill.features import FeatureAdapters, feature_loss, hidden_size, layer_map
 from kdistill.losses import distill_loss, fused_distill_loss
-from kdistill.methods import register
-from kdistill.methods.base import Method, RunContext
+from kdistill.methods.base import Method, RunContext, register
 from kdistill.teachers.multi import signal_parts
 
 
+@register
 class LogitMethod(Method):
     name = "logit"
+    uses_loss = True
+    uses_features = True
+
+    @classmethod
+    def teacher_needs(cls, cfg) -> frozenset:
+        return frozenset({"distribution"} | ({"hidden_states"} if cfg.features.weight > 0 else set()))
 
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
@@ -35,7 +41,7 @@ class LogitMethod(Method):
         self.chunk_size = lc.chunk_size
         self._init_features(ctx)
         # a served teacher answers over HTTP: ask for a batch's log-probs as soon as the batch is known
-        self.prefetch = getattr(ctx.teacher, "prefetch", None)
+        self.prefetch = ctx.teacher.prefetch if ctx.teacher.prefetches else None
         self.looks_ahead = self.prefetch is not None
 
     def prepare_batch(self, batch: dict, model) -> dict:
@@ -48,15 +54,12 @@ class LogitMethod(Method):
             self.prefetch(b)
 
     def _init_features(self, ctx: RunContext) -> None:
-        from kdistill.teachers.local import LocalTeacher
-
         fc = ctx.cfg.features
         self.feature_pairs = self.adapters = None
         if fc.weight <= 0:
             return
-        if not isinstance(ctx.teacher, LocalTeacher):
-            raise ValueError("features: feature distillation needs one live teacher model (teacher.model), "
-                             "not an offline cache or several teachers")
+        if "hidden_states" not in ctx.teacher.offers:
+            raise ValueError(ctx.teacher.refuse("hidden_states", self.name))
         if ctx.student is None:
             raise ValueError("features: the student is not known to the method")
         t_model = ctx.teacher.model
@@ -126,11 +129,10 @@ class LogitMethod(Method):
         return loss + fc.weight * f, {"feature_loss": value}
 
     def summary(self) -> dict:
-        from kdistill.teachers.api_logprobs import ApiLogprobTeacher
-
         out = {}
-        if isinstance(self.ctx.teacher, ApiLogprobTeacher):  # requests, retries, batches asked for ahead of time
-            out["served_teacher"] = self.ctx.teacher.summary()
+        served = self.ctx.teacher.summary()  # a served teacher's requests, retries, batches asked for early
+        if served:
+            out["served_teacher"] = served
         if self.feature_pairs is None:
             return out
         h = self.feature_history
@@ -142,8 +144,3 @@ class LogitMethod(Method):
             "feature_loss_first": round(sum(h[:k]) / k, 6) if h else None,
             "feature_loss_last": round(sum(h[-k:]) / k, 6) if h else None,
         }}
-
-
-@register("logit")
-def _build(ctx: RunContext) -> Method:
-    return LogitMethod(ctx)

@@ -20,18 +20,50 @@ The draw uses the global torch RNG, which the trainer's checkpoints save and res
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import ConfigDict, Field
 
-from kdistill.data import collate
-from kdistill.feedback import completion_feature
-from kdistill.generation import eos_ids, hf_model, make_sampler, sample_completions
-from kdistill.methods import register
-from kdistill.methods.base import RunContext
+from kdistill.data import collate, completion_feature
+from kdistill.methods.base import RunContext, register
 from kdistill.methods.logit import LogitMethod
+from kdistill.models import eos_ids, hf_model
+from kdistill.sampling import make_sampler, sample_completions
+from kdistill.settings import ENGINE_DESCRIPTION, Section
+from kdistill.vllm_engine import import_vllm
 
 
+class OnPolicyConfig(Section):
+    """``method: on_policy`` — generalized KD (GKD, Agarwal et al. 2024).
+
+    Per batch, with probability ``lambda`` the completions are sampled from the student; otherwise
+    they are the dataset's responses (or the teacher's own samples with ``seq_kd: true``). The
+    teacher's logits on those sequences are the target of ``loss.divergence`` (for this method
+    ``loss.divergence`` defaults to ``jsd`` and ``loss.alpha`` to 1.0 unless set).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_by_name=True,
+                              validate_by_alias=True, serialize_by_alias=True)
+
+    lambda_: float = Field(0.5, ge=0.0, le=1.0, alias="lambda",
+                           description="probability that a batch is sampled from the student (0 = method: logit)")
+    seq_kd: bool = Field(False, description="off-policy batches use the teacher's samples instead of the dataset's responses")
+    temperature: float = Field(1.0, ge=0.0, description="sampling temperature (0 = greedy); the loss uses loss.temperature")
+    max_new_tokens: int = Field(64, ge=1, description="longest sampled completion")
+    engine: Literal["transformers", "vllm"] = Field("transformers", description=ENGINE_DESCRIPTION)
+
+
+@register
 class OnPolicyMethod(LogitMethod):
     name = "on_policy"
+    sections = {"on_policy": OnPolicyConfig}
+    loss_defaults = {"divergence": "jsd", "alpha": 1.0}  # GKD's defaults, unless set in loss:
+
+    @classmethod
+    def teacher_needs(cls, cfg) -> frozenset:
+        # the teacher scores the student's new sequences (a cache cannot); seq_kd samples from its weights
+        return super().teacher_needs(cfg) | {"any_sequence"} | ({"weights"} if cfg.on_policy.seq_kd else set())
 
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
@@ -44,16 +76,12 @@ class OnPolicyMethod(LogitMethod):
         self.max_length = ctx.cfg.data.max_length
         self.engine = oc.engine
         if self.engine == "vllm" and self.lam > 0:
-            from kdistill.vllm_engine import import_vllm
-
             import_vllm("on_policy.engine")  # fail before any training when it is missing
         self.sampler = None  # built on the first student batch (it needs the model)
-        from kdistill.teachers.build import scores_new_sequences
-
-        if self.lam > 0 and not scores_new_sequences(ctx.teacher):
+        if self.lam > 0 and "any_sequence" not in ctx.teacher.offers:
             raise ValueError("on_policy needs a live teacher (teacher.model, or a vLLM server with teacher.api.logprobs): "
                              "the teacher must score the student's new sequences, which a cache cannot")
-        if self.seq_kd and getattr(ctx.teacher, "model", None) is None:
+        if self.seq_kd and ctx.teacher.model is None:
             raise ValueError("on_policy.seq_kd: sampling sequences from the teacher needs teacher.model")
         if ctx.renderer is None:
             raise ValueError("on_policy needs the run's renderer (prompt ids)")
@@ -149,8 +177,3 @@ class OnPolicyMethod(LogitMethod):
             **({"engine_" + k: v for k, v in self.sampler.stats.items()} if self.sampler is not None else {}),
             "note": "counts cover the micro-batches of this process since the run (or its resume) started",
         }
-
-
-@register("on_policy")
-def _build(ctx: RunContext) -> OnPolicyMethod:
-    return OnPolicyMethod(ctx)

@@ -3,7 +3,7 @@
 Each stage lives in ``OUTPUT/progressive/stage-K-<layers>/`` (its own checkpoints, ``metrics.jsonl``,
 ``student/`` and ``done.json``; a finished stage is skipped on rerun, an interrupted one resumes):
 
-* stage 0 trains the student the pipeline built (``student.init`` or ``student.model``) with the
+* stage 0 trains the student the run built (``student.init`` or ``student.model``) with the
   ``logit`` method (``loss:``, ``features:`` as configured) against the teacher;
 * stage K cuts stage K−1's student to ``progressive.layers[K−1]`` blocks (``layer_selection``;
   ``importance`` scores the blocks of that student on training rows) and distills into it, from the
@@ -18,19 +18,60 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator
 
 from kdistill.data import collate, encode_examples
-from kdistill.feedback import hf_model, load_saved, mark_done, save_model, stage_done
-from kdistill.methods import register
-from kdistill.methods.base import Method, RunContext
+from kdistill.methods.base import Method, RunContext, register
 from kdistill.methods.logit import LogitMethod
-from kdistill.models import count_params, cut_student, layer_importance, num_layers, select_layers
+from kdistill.models import (count_params, cut_student, hf_model, layer_importance, load_saved, num_layers, save_model,
+                             select_layers)
+from kdistill.settings import Section
 from kdistill.stages import combine_metrics, train_config
+from kdistill.store import run_stage
 from kdistill.teachers.local import LocalTeacher
 
+class ProgressiveConfig(Section):
+    """``method: progressive`` — shrink the student in stages, distilling at each size (logit KD).
 
+    Stage 0 trains the student as configured (e.g. cut from the teacher by ``student.init``); each
+    later stage cuts the previous stage's student to the next size in ``layers`` (by
+    ``layer_selection``) and distills into it, from the original teacher or (``teacher: previous``)
+    from the previous stage's student as a teacher assistant (TAKD, Mirzadeh et al. 2020).
+    """
+
+    layers: list[int] = Field(default_factory=list, description="sizes after stage 0, each smaller than the one before")
+    teacher: Literal["original", "previous"] = Field("original", description="who teaches the later stages")
+    layer_selection: Literal["importance", "uniform", "first", "last", "first_last"] = Field(
+        "importance", description="which blocks of the previous stage's student a stage keeps"
+    )
+    steps_per_stage: Optional[int] = Field(None, ge=1, description="optimizer steps per stage (none = train.max_steps)")
+
+    @field_validator("layers")
+    @classmethod
+    def _decreasing(cls, v: list[int]) -> list[int]:
+        if any(n < 1 for n in v) or any(b >= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"expected positive sizes, each smaller than the one before, got {v}")
+        return v
+
+
+@register
 class Progressive(Method):
     name = "progressive"
+    sections = {"progressive": ProgressiveConfig}
+    single_pass = False
+    uses_loss = True
+    uses_features = True
+
+    @classmethod
+    def teacher_needs(cls, cfg) -> frozenset:
+        return frozenset({"weights", "distribution"} | ({"hidden_states"} if cfg.features.weight > 0 else set()))
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if not cfg.progressive.layers:
+            raise ValueError("method progressive: set progressive.layers (the student sizes after stage 0, e.g. [12, 8])")
 
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
@@ -74,49 +115,44 @@ class Progressive(Method):
         for k, n in enumerate(sizes):
             sdir = self.root / f"stage-{k}-{n}"
             dirs.append((f"stage-{k}", sdir))
-            done = stage_done(sdir)
-            if done is not None:  # its saved config has the stage's size and block map
-                student = load_saved(student, sdir / "student")
-                self.stages.append(done)
-                steps += done["steps"]
-                resumed = resumed or f"stage {k} (finished earlier)"
-                previous = student
-                continue
-            if k > 0:
-                student = self._cut(previous, n, feats)
-            teacher = ctx.teacher
-            if k > 0 and pc.teacher == "previous":
-                teacher = LocalTeacher(copy.deepcopy(hf_model(previous)), ctx.vocab_size, name=f"stage-{k - 1}",
-                                       device=ctx.device)
-            who = "the teacher" if teacher is ctx.teacher else f"stage {k - 1}'s student"
-            runner.say(f"progressive stage {k}/{len(sizes) - 1}: {n} layers "
-                       f"{getattr(student.config, 'kdistill_teacher_layers', None)}, distilled from {who}")
-            stage_ctx = copy.copy(ctx)
-            stage_ctx.teacher, stage_ctx.student = teacher, student
-            method = LogitMethod(stage_ctx)
-            student.to(ctx.device)
-            student, result = runner.train(student, method, feats, sdir, tcfg=tcfg)
-            save_model(student, sdir / "student")
-            if result.resumed_from is not None and resumed is None:
-                resumed = f"stage {k} step {result.resumed_from}"
-            summary = {"stage": k, "layers": n, "teacher_layers": getattr(student.config, "kdistill_teacher_layers", None),
-                       "params": count_params(student), "teacher": "original" if teacher is ctx.teacher else f"stage-{k - 1}",
-                       "steps": result.steps, "resumed_from": result.resumed_from,
-                       "heldout": runner.evaluate(student)}
-            mark_done(sdir, summary)
+            was = student
+            # a finished stage's saved config has its size and block map
+            student, summary = run_stage(sdir, lambda: self._stage(k, n, was, previous, feats, tcfg, sdir, runner),
+                                         lambda done: load_saved(was, sdir / "student"))
             self.stages.append(summary)
-            steps += result.steps
-            if teacher is not ctx.teacher:
-                del teacher
+            steps += summary["steps"]
+            if resumed is None and summary.get("finished_earlier"):
+                resumed = f"stage {k} (finished earlier)"
+            elif resumed is None and summary.get("resumed_from") is not None:
+                resumed = f"stage {k} step {summary['resumed_from']}"
             previous = student
         combine_metrics(ctx.output_dir, dirs)
         return student, {"steps": steps, "seconds": round(time.time() - t0, 1), "train_rows": len(feats),
                          "resumed_from": resumed, "stopped_early": False}
 
+    def _stage(self, k: int, n: int, student, previous, feats, tcfg, sdir: Path, runner):
+        """Stage ``k``: cut ``previous`` to ``n`` blocks (k > 0) and distill into it; ``(student, summary)``."""
+        ctx, pc = self.ctx, self.pc
+        if k > 0:
+            student = self._cut(previous, n, feats)
+        teacher = ctx.teacher
+        if k > 0 and pc.teacher == "previous":
+            teacher = LocalTeacher(copy.deepcopy(hf_model(previous)), ctx.vocab_size, name=f"stage-{k - 1}",
+                                   device=ctx.device)
+        who = "the teacher" if teacher is ctx.teacher else f"stage {k - 1}'s student"
+        runner.say(f"progressive stage {k}/{len(pc.layers)}: {n} layers "
+                   f"{getattr(student.config, 'kdistill_teacher_layers', None)}, distilled from {who}")
+        stage_ctx = copy.copy(ctx)
+        stage_ctx.teacher, stage_ctx.student = teacher, student
+        method = LogitMethod(stage_ctx)
+        student.to(ctx.device)
+        student, result = runner.train(student, method, feats, sdir, tcfg=tcfg)
+        save_model(student, sdir / "student")
+        summary = {"stage": k, "layers": n, "teacher_layers": getattr(student.config, "kdistill_teacher_layers", None),
+                   "params": count_params(student), "teacher": "original" if teacher is ctx.teacher else f"stage-{k - 1}",
+                   "steps": result.steps, "resumed_from": result.resumed_from, "heldout": runner.evaluate(student)}
+        return student, summary
+
     def summary(self) -> dict:
         return {"teacher": self.pc.teacher, "layer_selection": self.pc.layer_selection, "stages": self.stages}
 
-
-@register("progressive")
-def _build(ctx: RunContext) -> Progressive:
-    return Progressive(ctx)

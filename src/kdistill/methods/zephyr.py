@@ -30,28 +30,43 @@ import json
 import random
 import time
 from pathlib import Path
+from typing import Literal, Optional
 
 import torch
+from pydantic import Field
 
-from kdistill.data import Example, Renderer, encode_examples, load_examples
-from kdistill.evaluate import generate
-from kdistill.feedback import (
-    JsonlStore,
-    completion_feature,
-    hf_model,
-    load_saved,
-    mark_done,
-    save_model,
-    stage_done,
-    write_json,
-    write_jsonl,
-)
-from kdistill.generation import eos_ids, make_sampler, sample_completions
-from kdistill.methods import register
-from kdistill.methods.base import Method, RunContext
-from kdistill.methods.dpo import dpo_stage, encode_pair
-from kdistill.methods.rounds import api_teacher, score_candidates, teacher_model
+from kdistill.data import Example, Renderer, completion_feature, encode_examples, load_examples
+from kdistill.methods.base import Method, RunContext, register
+from kdistill.methods.candidates import RatingConfig, api_teacher, score_candidates
+from kdistill.methods.dpo import DPOConfig, dpo_stage, encode_pair
+from kdistill.models import eos_ids, hf_model, load_model, load_saved, save_model
+from kdistill.sampling import make_sampler, sample_completions, sample_texts
+from kdistill.settings import Section
 from kdistill.stages import combine_metrics, process_seed, train_config
+from kdistill.store import JsonlStore, run_stage, write_json, write_jsonl
+from kdistill.vllm_engine import import_vllm
+
+class ZephyrConfig(Section):
+    """``method: zephyr`` — 1. dSFT on teacher answers, 2. AI feedback (candidates rated by the teacher),
+    3. dDPO against the frozen dSFT student (see ``dpo``). Each stage resumes; a finished one is skipped."""
+
+    sft_max_steps: Optional[int] = Field(None, ge=1, description="dSFT optimizer steps (none = train.max_steps)")
+    sft_data: Optional[str] = Field(
+        None, description="teacher answers already written (e.g. by `kdistill generate` with an API teacher); none = the local teacher answers"
+    )
+    sft_temperature: float = Field(0.0, ge=0.0, description="teacher answers: 0 = greedy")
+    max_new_tokens: int = Field(64, ge=1, description="longest teacher answer / candidate")
+    candidates: int = Field(4, ge=2, description="student samples per prompt for AI feedback")
+    candidate_temperature: float = Field(1.0, gt=0.0)
+    other_models: list[str] = Field(default_factory=list, description="more models (folders/hub ids) adding one candidate each")
+    scorer: Literal["judge", "loglik"] = Field("judge", description="how the teacher rates candidates (see rating)")
+    rejected: Literal["random", "worst"] = Field("random", description="rejected = a random lower-rated candidate, or the worst")
+    min_margin: float = Field(0.0, ge=0.0, description="skip prompts whose best and rejected scores differ by no more than this")
+    feedback_prompts: Optional[int] = Field(None, ge=1, description="training prompts used for AI feedback; none = all")
+    win_rate_prompts: int = Field(32, ge=1, description="held-out prompts for the final-vs-dSFT win rate")
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="how the student's AI-feedback candidates are sampled (vllm: see vllm:)"
+    )
 
 
 def _example(row: dict) -> Example:
@@ -66,14 +81,23 @@ def _last_loss(stage_dir: Path):
     return rows[-1]["loss"] if rows else None
 
 
+@register
 class Zephyr(Method):
     name = "zephyr"
+    sections = {"zephyr": ZephyrConfig, "dpo": DPOConfig, "rating": RatingConfig}
+    needs_responses = False  # the teacher and the student write the answers
+    single_pass = False
+
+    @classmethod
+    def teacher_needs(cls, cfg) -> frozenset:
+        # answers and ratings; scorer: loglik rates with a local teacher's probabilities (checked below)
+        return frozenset({"text", "judge"})
 
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
         self.zc = ctx.cfg.zephyr
         self.api = api_teacher(ctx)  # a text-only teacher: answers and ratings over HTTP
-        self.teacher = None if self.api is not None else teacher_model(ctx, "zephyr")
+        self.teacher: Optional[torch.nn.Module] = None if self.api is not None else ctx.teacher.model
         if self.api is not None and self.zc.scorer != "judge":
             raise ValueError("zephyr.scorer: loglik needs the teacher's token probabilities; with an API teacher "
                              "use scorer: judge")
@@ -81,17 +105,15 @@ class Zephyr(Method):
         self.root = Path(ctx.output_dir) / "zephyr"
         self.sampler = None
         if self.zc.engine == "vllm":
-            from kdistill.vllm_engine import import_vllm
-
             import_vllm("zephyr.engine")  # fail before any work when it is missing
 
     # -- stage 1: dSFT ------------------------------------------------------------------------------
     def sft(self, student, runner):
-        ctx, zc = self.ctx, self.zc
         sdir = self.root / "1-sft"
-        done = stage_done(sdir)
-        if done is not None:
-            return load_saved(student, sdir / "student"), done
+        return run_stage(sdir, lambda: self._sft(student, runner, sdir), lambda done: load_saved(student, sdir / "student"))
+
+    def _sft(self, student, runner, sdir: Path):
+        ctx, zc = self.ctx, self.zc
         t0 = time.time()
         tok, renderer, max_len = ctx.tokenizer, ctx.renderer, ctx.cfg.data.max_length
         eos = set(eos_ids(self.teacher, tok)) if self.teacher is not None else set()
@@ -135,13 +157,10 @@ class Zephyr(Method):
         summary = {"teacher_answers": len(rows), "finished_answers": sum(r["finish_reason"] == "stop" for r in rows),
                    "steps": result.steps, "resumed_from": result.resumed_from, "final_loss": _last_loss(sdir),
                    "seconds": round(time.time() - t0, 1), "heldout": runner.evaluate(student)}
-        mark_done(sdir, summary)
         return student, summary
 
     # -- stage 2: AI feedback -----------------------------------------------------------------------
     def _other_models(self):
-        from kdistill.models import load_model
-
         out = []
         for spec in self.zc.other_models:
             model, tok = load_model(spec, "zephyr.other_models")
@@ -151,12 +170,12 @@ class Zephyr(Method):
         return out
 
     def feedback(self, student, runner):
-        ctx, zc = self.ctx, self.zc
         fdir = self.root / "2-feedback"
-        done = stage_done(fdir)
-        if done is not None:
-            pairs = [json.loads(l) for l in (fdir / "pairs.jsonl").read_text().splitlines() if l.strip()]
-            return pairs, done
+        return run_stage(fdir, lambda: self._feedback(student, runner, fdir),
+                         lambda done: [json.loads(l) for l in (fdir / "pairs.jsonl").read_text().splitlines() if l.strip()])
+
+    def _feedback(self, student, runner, fdir: Path):
+        ctx, zc = self.ctx, self.zc
         t0 = time.time()
         tok, renderer = ctx.tokenizer, ctx.renderer
         prompts = list(ctx.train_examples)
@@ -176,7 +195,7 @@ class Zephyr(Method):
             cands = [[{"text": tok.decode(comps[j * zc.candidates + k], skip_special_tokens=True).strip(),
                        "source": "student"} for k in range(zc.candidates)] for j in range(len(examples))]
             for spec, model, otok, orend in others:
-                texts = generate(model, otok, [orend.prompt_ids(e) for e in examples], zc.max_new_tokens,
+                texts = sample_texts(model, otok, [orend.prompt_ids(e) for e in examples], zc.max_new_tokens,
                                  ctx.cfg.eval.batch_size)
                 for j, t in enumerate(texts):
                     cands[j].append({"text": t, "source": spec})
@@ -215,7 +234,6 @@ class Zephyr(Method):
             "chosen_sources": {s: sum(p["source_chosen"] == s for p in pairs) for s in {p["source_chosen"] for p in pairs}},
             "seconds": round(time.time() - t0, 1),
         }
-        mark_done(fdir, summary)
         for _, model, _, _ in others:
             del model
         return pairs, summary
@@ -228,8 +246,8 @@ class Zephyr(Method):
             return {}
         renderer, bs = ctx.renderer, ctx.cfg.eval.batch_size
         pids = [renderer.prompt_ids(e) for e in rows]
-        a = generate(hf_model(final), ctx.tokenizer, pids, zc.max_new_tokens, bs)
-        b = generate(hf_model(dsft), ctx.tokenizer, pids, zc.max_new_tokens, bs)
+        a = sample_texts(hf_model(final), ctx.tokenizer, pids, zc.max_new_tokens, bs)
+        b = sample_texts(hf_model(dsft), ctx.tokenizer, pids, zc.max_new_tokens, bs)
         texts = a + b
         exs = rows + rows
         feats = [renderer.encode(e, response=t) for e, t in zip(exs, texts)]
@@ -244,7 +262,7 @@ class Zephyr(Method):
         write_json(self.root / "win_rate.json", out)
         return out
 
-    # -- the pipeline -------------------------------------------------------------------------
+    # -- the stages ----------------------------------------------------------------------------
     def fit(self, student, runner):
         ctx = self.ctx
         t0 = time.time()
@@ -288,7 +306,3 @@ class Zephyr(Method):
             "data": "zephyr/1-sft/teacher.jsonl, zephyr/2-feedback/{candidates,pairs}.jsonl, zephyr/win_rate.json",
         }
 
-
-@register("zephyr", needs_responses=False)
-def _build(ctx: RunContext) -> Zephyr:
-    return Zephyr(ctx)

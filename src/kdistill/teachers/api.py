@@ -1,4 +1,4 @@
-"""A teacher behind an OpenAI-compatible chat-completions endpoint (black-box: text only).
+"""The client for a teacher behind an OpenAI-compatible endpoint (chat completions, completions).
 
 Hosted providers, vLLM, SGLang, llama.cpp and Ollama servers all speak
 ``POST {base_url}/chat/completions``. :class:`ApiTeacher` sends many requests concurrently
@@ -298,48 +298,3 @@ class ApiTeacher:
     def summary(self) -> dict:
         return {"requests": self.stats["requests"], "retries": self.stats["retries"],
                 "failure_reasons": dict(self.errors)}
-
-
-class ApiTextTeacher:
-    """The teacher as text only (``teacher.api`` without ``teacher.model``), for the methods that
-    need its answers and its ratings but not its token probabilities: ``zephyr`` (dSFT answers, the
-    AI-feedback judge, the win rate) and ``on_policy_filter`` / ``self_distill`` with ``scorer: judge``.
-
-    ``model`` is None, so any path that needs teacher logits fails with a clear message.
-    """
-
-    model = None
-    can_fuse = False
-
-    def __init__(self, cfg, system_prompt: Optional[str] = None):
-        self.api = ApiTeacher(cfg)
-        self.name = f"api:{cfg.model} @ {cfg.base_url}"
-        self.system_prompt = system_prompt
-        self.stats = {"answers": 0, "ratings": 0, "failed": 0, "unparsable_ratings": 0}
-
-    def _messages(self, messages: list[dict]) -> list[dict]:
-        if self.system_prompt and not (messages and messages[0].get("role") == "system"):
-            return [{"role": "system", "content": self.system_prompt}] + list(messages)
-        return list(messages)
-
-    def answer(self, conversations: list[list[dict]], temperature: float = 0.0, max_tokens: int = 256) -> list[Optional[str]]:
-        """One answer per conversation (None where the request failed after its retries)."""
-        jobs = [Job(i, self._messages(c), temperature, max_tokens) for i, c in enumerate(conversations)]
-        out = [c.text if c.ok else None for c in self.api.complete_many(jobs)]
-        self.stats["answers"] += len(out)
-        self.stats["failed"] += sum(o is None for o in out)
-        return out
-
-    def rate(self, judge_prompts: list[str], scale: int, max_tokens: int = 8) -> list[Optional[float]]:
-        """The judge's integer rating 1..``scale`` of each prompt (None: no answer or no valid number)."""
-        from kdistill.filters import parse_score
-
-        answers = self.answer([[{"role": "user", "content": p}] for p in judge_prompts], 0.0, max_tokens)
-        out: list[Optional[float]] = []
-        for a in answers:
-            v = parse_score(a)
-            ok = v is not None and 1 <= v <= scale
-            out.append(float(v) if ok else None)
-            self.stats["unparsable_ratings"] += a is not None and not ok
-        self.stats["ratings"] += len(out)
-        return out

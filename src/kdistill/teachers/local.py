@@ -1,75 +1,65 @@
-"""A teacher model loaded next to the student (frozen, no gradients)."""
+"""A teacher model loaded next to the student (frozen, no gradients): every kind of signal."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
-from kdistill.losses import TopK
-
-# Config attributes of architectures whose logits are not a plain ``hidden @ W.T``.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
-
-
-def supports_hidden(model: nn.Module) -> bool:
-    """True when ``logits == decoder(x).last_hidden_state @ lm_head.weight.T`` exactly."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, nn.Linear) or head.bias is not None or not hasattr(model, "get_decoder"):
-        return False
-    cfg = getattr(model, "config", None)
-    for attr in _LOGIT_TRANSFORMS:
-        v = getattr(cfg, attr, None)
-        if v not in (None, 1, 1.0, 0, 0.0, False):
-            return False
-    return True
+from kdistill.data import IGNORE_INDEX
+from kdistill.errors import ConfigError, ModelError
+from kdistill.models import (block_outputs, check_vocab, count_params, decoder_states, final_hidden, load_model,
+                             supports_hidden, tokenizer_fingerprint)
+from kdistill.teachers.base import Teacher, TeacherSignal, register_teacher
 
 
-def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final (normed) hidden states ``[batch, seq, hidden]`` without computing the logits."""
-    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.last_hidden_state
+@torch.no_grad()
+def model_topk(model: nn.Module, batch: dict, vocab_size: int, k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k ids and log-probs (T = 1, sorted) of ``model`` at the positions of ``batch`` with a label.
+
+    Returns ``([N, k] long, [N, k] float32)``, rows in row-major order of ``labels != -100``.
+    """
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    keep = labels != IGNORE_INDEX
+    if supports_hidden(model):
+        h = final_hidden(model, ids, mask)[keep]
+        w = model.get_output_embeddings().weight[:vocab_size]
+        logits_of = lambda a, b: (h[a:b] @ w.t()).float()  # noqa: E731
+        n = h.shape[0]
+    else:
+        full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[..., :vocab_size][keep]
+        logits_of = lambda a, b: full[a:b].float()  # noqa: E731
+        n = full.shape[0]
+    out_i, out_l = [], []
+    for a in range(0, n, chunk):
+        lp = torch.log_softmax(logits_of(a, a + chunk), dim=-1)
+        top = lp.topk(k, dim=-1, sorted=True)
+        out_i.append(top.indices)
+        out_l.append(top.values)
+    if not out_i:
+        return torch.zeros((0, k), dtype=torch.long), torch.zeros((0, k))
+    return torch.cat(out_i), torch.cat(out_l)
 
 
-def block_outputs(hidden_states, layers) -> dict:
-    """``{block i: output of block i}`` from a model's ``hidden_states`` tuple (embeddings first)."""
-    return {i: hidden_states[i + 1] for i in layers}
-
-
-def decoder_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers) -> tuple:
-    """``(final hidden [batch, seq, hidden], {block i: output of block i [batch, seq, hidden]})``."""
-    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                              output_hidden_states=True)
-    return out.last_hidden_state, block_outputs(out.hidden_states, layers)
-
-
-@dataclass
-class TeacherSignal:
-    """One of: ``hidden`` ``[batch, seq, hidden]`` + ``weight`` ``[vocab, hidden]``; ``logits``
-    ``[batch, seq, vocab]``; or ``topk`` (:class:`~kdistill.losses.TopK`, ``[batch, seq, k]``);
-    or ``parts``: ``[(weight, TeacherSignal)]``, a weighted sum of per-teacher losses
-    (several teachers, ``loss.teacher_mix: sum``; see :func:`kdistill.teachers.multi.signal_parts`)."""
-
-    hidden: Optional[torch.Tensor] = None
-    weight: Optional[torch.Tensor] = None
-    logits: Optional[torch.Tensor] = None
-    topk: Optional[TopK] = None
-    parts: Optional[list] = None
-    features: Optional[dict] = None  # {teacher block: its output [batch, seq, hidden]} (feature distillation)
-
-
-class LocalTeacher:
+@register_teacher
+class LocalTeacher(Teacher):
     """A frozen causal LM run on each batch.
 
     Args:
         model: the teacher (moved to ``device``, eval mode, gradients off).
         vocab_size: shared vocabulary size (a padded output layer is sliced to it).
         name: shown in reports.
+        tokenizer: the teacher's own tokenizer (when known).
     """
 
-    def __init__(self, model: nn.Module, vocab_size: int, name: str = "teacher", device=None):
+    name_of_kind = "local"
+    kind = "local"
+    offers = frozenset({"distribution", "any_sequence", "hidden_states", "weights", "text", "judge"})
+    priority = 30
+    what = "a local teacher model"
+
+    def __init__(self, model: nn.Module, vocab_size: int, name: str = "teacher", device=None, tokenizer=None):
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -77,7 +67,34 @@ class LocalTeacher:
             self.model.to(device)
         self.vocab_size = vocab_size
         self.name = name
+        self.tokenizer = tokenizer
         self.can_fuse = supports_hidden(model)
+
+    @classmethod
+    def accepts(cls, spec) -> bool:
+        return spec.model is not None
+
+    @classmethod
+    def build(cls, spec, key: str, env) -> "LocalTeacher":
+        if spec is env.primary:  # the run loaded it (to cut the student and measure the teacher)
+            if env.weights is None:
+                raise ConfigError(f"{key}.model: the teacher model is not loaded")
+            model, tok = env.weights
+            name = env.cfg.teacher.model if spec is env.cfg.teacher else spec.model
+        else:
+            model, tok = load_model(spec.model, f"{key}.model", spec.dtype, spec.revision, spec.trust_remote_code)
+            name = spec.model
+            if tokenizer_fingerprint(tok) != tokenizer_fingerprint(env.tokenizer):
+                raise ModelError(
+                    f"{key}.model: {spec.model} has a different tokenizer than the student; every teacher must share "
+                    "the student's tokenizer for logit distillation"
+                )
+            shared = check_vocab(tok, env.tokenizer, model, env.student)
+            if shared < env.vocab_size:
+                raise ModelError(f"{key}.model: its vocabulary ({shared}) is smaller than the run's ({env.vocab_size})")
+        t = cls(model, env.vocab_size, name=name, device=env.device, tokenizer=tok)
+        t.key = key
+        return t
 
     @torch.no_grad()
     def signal(self, batch: dict, hidden: bool = True, feature_layers=None) -> TeacherSignal:
@@ -94,3 +111,11 @@ class LocalTeacher:
                          output_hidden_states=bool(feature_layers))
         feats = block_outputs(out.hidden_states, feature_layers) if feature_layers else None
         return TeacherSignal(logits=out.logits[..., : self.vocab_size], features=feats)
+
+    def topk_at_labels(self, batch: dict, k: int) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """``(indices [N, k], logprobs [N, k], None)`` at the labelled positions (row-major)."""
+        i, lp = model_topk(self.model, batch, self.vocab_size, k)
+        return i, lp, None
+
+    def describe(self) -> dict:
+        return {"name": self.name, "params": count_params(self.model), "kind": self.kind}

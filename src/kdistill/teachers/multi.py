@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from kdistill.losses import TopK
-from kdistill.teachers.local import TeacherSignal
+from kdistill.teachers.base import HeldOut, Teacher, TeacherSignal
 
 
 def normalize_weights(weights: Sequence[float]) -> list[float]:
@@ -81,8 +81,11 @@ def topk_of(logprobs: torch.Tensor, k: int) -> TopK:
     return TopK(top.indices, top.values)
 
 
-class MultiTeacher:
+class MultiTeacher(Teacher):
     """Combines teachers (:class:`LocalTeacher`, :class:`CachedTeacher`, ...) into one signal.
+
+    It offers what every one of them offers, and token-level signal only (no hidden states, no
+    text); it is made by :func:`kdistill.teachers.build.build_teacher` for a ``teachers:`` list.
 
     Args:
         teachers: objects with ``signal(batch, hidden)``.
@@ -91,7 +94,10 @@ class MultiTeacher:
         names: for reports.
     """
 
+    kind = "several"
     can_fuse = True
+    key = "teachers"
+    what = "several teachers"
 
     def __init__(self, teachers: Sequence, weights: Sequence[float], mode: str = "mixture", names=None):
         if mode not in ("mixture", "sum"):
@@ -102,15 +108,16 @@ class MultiTeacher:
         self.name = " + ".join(names or [getattr(t, "name", "?") for t in self.teachers])
         ks = [t.top_k for t in self.teachers if getattr(t, "top_k", None)]
         self.top_k = max(ks) if ks else None  # set when any teacher is a cache
+        self.offers = frozenset.intersection(*(t.offers for t in self.teachers)) & {"distribution", "any_sequence"}
+        self.prefetches = any(t.prefetches for t in self.teachers)
 
     def prefetch(self, batch: dict) -> None:
         """Let the teachers that can (a served one) start on ``batch`` ahead of time."""
         for t in self.teachers:
-            if hasattr(t, "prefetch"):
-                t.prefetch(batch)
+            t.prefetch(batch)
 
     @torch.no_grad()
-    def signal(self, batch: dict, hidden: bool = True) -> TeacherSignal:
+    def signal(self, batch: dict, hidden: bool = True, feature_layers=None) -> TeacherSignal:
         if self.mode == "sum":
             return TeacherSignal(parts=[(w, t.signal(batch, hidden=hidden)) for w, t in zip(self.weights, self.teachers)])
         sigs = [t.signal(batch, hidden=False) for t in self.teachers]
@@ -118,6 +125,33 @@ class MultiTeacher:
             return TeacherSignal(logits=mix_logprobs([torch.log_softmax(s.logits.float(), -1) for s in sigs], self.weights))
         topks = [s.topk if s.topk is not None else topk_of(torch.log_softmax(s.logits.float(), -1), self.top_k) for s in sigs]
         return TeacherSignal(topk=mix_topk(topks, self.weights, self.top_k))
+
+
+    def refuse(self, need: str, method: str, hint: str = "") -> str:
+        for t in self.teachers:  # the first teacher that cannot give it says why
+            if need not in t.offers:
+                return t.refuse(need, method, hint)
+        return super().refuse(need, method, hint)
+
+    def heldout(self, ho: HeldOut) -> dict:
+        """The first figures one of the teachers without local weights has (e.g. a cache's stored ones)."""
+        got = {"metrics": {}, "outputs": []}
+        for t in self.teachers:
+            if t.model is None:
+                got = t.heldout(ho)
+                if got.get("metrics"):
+                    return got
+        return got
+
+    def unavailable(self, figures: dict) -> dict:
+        for t in self.teachers:
+            if t.model is None:
+                return t.unavailable(figures)
+        return {}
+
+    def summary(self) -> dict:
+        served = [t.summary() for t in self.teachers if t.summary()]
+        return served[0] if served else {}
 
 
 def signal_parts(signal: TeacherSignal) -> list[tuple[float, TeacherSignal]]:

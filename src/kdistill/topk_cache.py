@@ -35,10 +35,14 @@ A shard holds, for its ``n`` rows and ``T`` cached tokens:
   delta-coded). Scale 256 (the default) keeps the loss within ~1e-4 (relative) of the uncompressed
   top-k loss for every divergence and costs ~50 bytes per token after compression.
 
-Writes are crash-safe and resumable: a shard is written to a temporary file, fsynced and renamed;
-the manifest (also tmp + rename) is updated after it. On a rerun, shards listed in the manifest
-whose checksum no longer matches are deleted and recomputed, files not listed (a crash between the
-two renames) are deleted, and only rows not in a valid shard are computed: none missing, none twice.
+Writes are crash-safe and resumable (:class:`CacheWriter`): a new cache writes its manifest first;
+a shard is written to a temporary file, fsynced and renamed, and the manifest (also tmp + rename) is
+updated after it. On a rerun, shards listed in the manifest whose checksum no longer matches are
+deleted and recomputed, this writer's own leftovers (an unlisted shard from a crash between the two
+renames, temp files) are deleted, and only rows not in a valid shard are computed: none missing,
+none twice. A folder that is neither empty nor a cache is never written into.
+
+``kdistill cache-teacher`` (:mod:`kdistill.commands.cache_teacher`) fills a cache from a teacher.
 """
 
 from __future__ import annotations
@@ -47,25 +51,22 @@ import collections
 import hashlib
 import io
 import json
-import logging
-import os
 import re
-import time
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import numpy as np
-import torch
 
 from kdistill.data import IGNORE_INDEX
-from kdistill.errors import ConfigError, KDistillError
-
-log = logging.getLogger("kdistill")
+from kdistill.errors import KDistillError
+from kdistill.models.vocab import tokenizer_fingerprint
+from kdistill.store import atomic_write
 
 FORMAT = "kdistill-topk-cache"
 VERSION = 1
 LOGPROB_SCALE = 256  # grid of log-probs below top-1: 1/256 nats (max rounding error 0.002 nats)
 _QMAX = 65535
+TEACHER_EVAL_FILE = "teacher_eval.json"  # beside the shards: the teacher's held-out figures (cache-teacher)
 
 
 class CacheError(KDistillError):
@@ -157,23 +158,6 @@ def cached_positions(feature: dict) -> int:
     return sum(1 for l in feature["labels"][1:] if l != IGNORE_INDEX)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
 def shard_bytes(sample_ids: list[str], hashes: list[str], counts: list[int], indices: np.ndarray,
                 logprobs: np.ndarray, vocab_size: int, log_rest: Optional[np.ndarray] = None) -> bytes:
     """Serialize one shard (``indices``/``logprobs`` ``[T, k]``, ``log_rest`` ``[T]``, rows in order)."""
@@ -214,7 +198,7 @@ def read_manifest(path: Path) -> Optional[dict]:
 
 
 def write_manifest(path: Path, manifest: dict) -> None:
-    _atomic_write(Path(path) / "manifest.json", json.dumps(manifest, indent=1).encode())
+    atomic_write(Path(path) / "manifest.json", json.dumps(manifest, indent=1).encode())
 
 
 class TopKCache:
@@ -318,8 +302,6 @@ def check_cache(cache: TopKCache, tokenizer, vocab_size: int, features: Iterable
 
     Raises :class:`CacheError` with one line naming the problem and the fix.
     """
-    from kdistill.models import tokenizer_fingerprint
-
     fp = tokenizer_fingerprint(tokenizer)
     if cache.tokenizer_fingerprint != fp:
         raise CacheError(
@@ -347,50 +329,13 @@ def check_cache(cache: TopKCache, tokenizer, vocab_size: int, features: Iterable
 
 
 # ---------------------------------------------------------------------------------------------
-# writing: kdistill cache-teacher
-
-
-@torch.no_grad()
-def teacher_topk(model, batch: dict, vocab_size: int, k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k ids and log-probs (T = 1, sorted) at the positions of ``batch`` with a label.
-
-    Returns ``([N, k] long, [N, k] float32)``, rows in row-major order of ``labels != -100``.
-    """
-    from kdistill.teachers.local import final_hidden, supports_hidden
-
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    keep = labels != IGNORE_INDEX
-    if supports_hidden(model):
-        h = final_hidden(model, ids, mask)[keep]
-        w = model.get_output_embeddings().weight[:vocab_size]
-        logits_of = lambda a, b: (h[a:b] @ w.t()).float()  # noqa: E731
-        n = h.shape[0]
-    else:
-        full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[..., :vocab_size][keep]
-        logits_of = lambda a, b: full[a:b].float()  # noqa: E731
-        n = full.shape[0]
-    out_i, out_l = [], []
-    for a in range(0, n, chunk):
-        lp = torch.log_softmax(logits_of(a, a + chunk), dim=-1)
-        top = lp.topk(k, dim=-1, sorted=True)
-        out_i.append(top.indices)
-        out_l.append(top.values)
-    if not out_i:
-        return torch.zeros((0, k), dtype=torch.long), torch.zeros((0, k))
-    return torch.cat(out_i), torch.cat(out_l)
-
-
-def cache_vocab_size(model, tokenizer) -> int:
-    """Vocabulary the cache covers: the output layer, without padding rows beyond the tokenizer."""
-    from kdistill.models import output_vocab_size
-
-    return min(output_vocab_size(model), len(tokenizer))
+# writing
 
 
 _OWN_FILE = re.compile(r"^(shard-\d{5,}\.npz|\.tmp-.*)$")  # what this writer ever creates besides its manifest
 
 
-def _open_for_writing(path: Path, meta: dict, say) -> tuple[dict, set[str]]:
+def open_for_writing(path: Path, meta: dict, say) -> tuple[dict, set[str]]:
     """Existing manifest (validated, bad shards dropped, stray shards removed) and the ids already done.
 
     A folder is only ever written into when it is new, empty, or already a kdistill cache (it has
@@ -441,165 +386,13 @@ def _open_for_writing(path: Path, meta: dict, say) -> tuple[dict, set[str]]:
     return manifest, done
 
 
-def cache_teacher(cfg, say: Callable[[str], None] = log.info, progress: bool = True) -> dict:
-    """``kdistill cache-teacher``: top-k teacher log-probs for every row of ``data.train``.
-
-    Returns statistics (rows, tokens, bytes, bytes per token, seconds, tokens/s).
-    """
-    from kdistill.config import check_paths
-    from kdistill.data import collate, encode_examples, load_examples
-    from kdistill.models import load_model, tokenizer_fingerprint
-    from kdistill.pipeline import _renderer
-
-    path_s = cfg.cache.path or cfg.teacher.cache
-    if path_s is None:
-        raise ConfigError("cache.path: required for cache-teacher (the folder the cache is written to)")
-    from kdistill.teachers.build import api_logprobs
-
-    served = api_logprobs(cfg.teacher)
-    if cfg.teacher.model is None and not served:
-        raise ConfigError("teacher.model: required for cache-teacher (the model whose top-k log-probs are cached), "
-                          "or teacher.api with api.logprobs (a vLLM server)")
-    if served and (cfg.student is None or cfg.student.model is None):
-        raise ConfigError("student.model: cache-teacher from a served teacher (teacher.api.logprobs) needs the "
-                          "student's tokenizer: give student.model")
-    check_paths(cfg)
-    path = Path(path_s)
-    if cfg.data.tasks is not None:  # every task's training rows, as `kdistill run` mixes them
-        from kdistill.pipeline import load_data
-
-        rows = load_data(cfg)[0]
-    else:
-        rows = load_examples(cfg.data.train)
-
-    t0 = time.time()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    if served:  # the teacher is a vLLM server: its top-k come over HTTP, tokenized with the student's tokenizer
-        from kdistill.models import load_tokenizer
-        from kdistill.teachers.api_logprobs import ApiLogprobTeacher
-
-        tok = load_tokenizer(cfg.student.model, "student.model", cfg.student.revision, cfg.student.trust_remote_code)
-        vocab = len(tok)
-        teacher = ApiLogprobTeacher(cfg.teacher.api, vocab)
-        say(f"cache: teacher {teacher.name}; {teacher.check_tokenizer(tok)}")
-        teacher_name = f"api:{cfg.teacher.api.model}"
-        k = teacher.top_k
-        if cfg.cache.top_k != k:
-            say(f"cache: top-{k} from teacher.api.logprobs (cache.top_k={cfg.cache.top_k} applies to a local teacher)")
-    else:
-        teacher, tok = load_model(cfg.teacher.model, "teacher.model", cfg.teacher.dtype, cfg.teacher.revision,
-                                  cfg.teacher.trust_remote_code)
-        teacher.to(device)
-        say(f"cache: teacher {cfg.teacher.model} loaded ({time.time() - t0:.1f} s)")
-        teacher_name = cfg.teacher.model
-        vocab = cache_vocab_size(teacher, tok)
-        k = min(cfg.cache.top_k, vocab)
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "teacher": teacher_name,
-        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
-        "vocab_size": vocab,
-        "top_k": k,
-        "id_bytes": id_bytes(vocab),
-        "logprob_scale": LOGPROB_SCALE,
-        "data": {"max_length": cfg.data.max_length, "system_prompt": cfg.data.system_prompt,
-                 "chat_template": cfg.data.chat_template},
-    }
-    manifest, done = _open_for_writing(path, meta, say)
-    renderer = _renderer(cfg, tok)
-    feats, n_empty = encode_examples(renderer, rows)
-    todo = [f for f in feats if f["id"] not in done]
-    n_tok_todo = sum(cached_positions(f) for f in todo)
-    if done:
-        say(f"cache: resuming: {len(feats) - len(todo)} of {len(feats)} rows already cached in {path}")
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n_tok_todo, desc="cache-teacher", unit="tok", unit_scale=True, dynamic_ncols=True)
-    t1 = time.time()
-    bs, pad = cfg.cache.batch_size, tok.pad_token_id
-    for s in range(0, len(todo), cfg.cache.shard_size):
-        shard = todo[s : s + cfg.cache.shard_size]
-        idx_parts, lp_parts = [], []
-        for b in range(0, len(shard), bs):
-            batch = collate(shard[b : b + bs], pad)
-            batch = {key: (v.to(device) if isinstance(v, torch.Tensor) else v) for key, v in batch.items()}
-            if served:
-                i, l, _ = teacher.topk_at_labels(batch)
-            else:
-                i, l = teacher_topk(teacher, batch, vocab, k)
-            idx_parts.append(i.cpu().numpy())
-            lp_parts.append(l.cpu().numpy())
-            if bar is not None:
-                bar.update(int(i.shape[0]))
-        counts = [cached_positions(f) for f in shard]
-        data = shard_bytes([f["id"] for f in shard], [token_hash(f) for f in shard], counts,
-                           np.concatenate(idx_parts), np.concatenate(lp_parts), vocab)
-        name = f"shard-{manifest['next_shard']:05d}.npz"
-        _atomic_write(path / name, data)
-        manifest["shards"].append({"file": name, "sha256": _sha256(data), "bytes": len(data),
-                                   "samples": len(shard), "tokens": int(sum(counts))})
-        manifest["next_shard"] += 1
-        write_manifest(path, manifest)
-    if bar is not None:
-        bar.close()
-    dt = time.time() - t1
-    cache = TopKCache(path)
-    tokens = sum(e["tokens"] for e in manifest["shards"])
-    stats = {
-        "path": str(path),
-        "rows": len(feats),
-        "rows_computed": len(todo),
-        "rows_without_response_tokens": n_empty,
-        "tokens": tokens,
-        "top_k": k,
-        "bytes": cache.disk_bytes(),
-        "bytes_per_token": round(cache.bytes_per_token(), 1),
-        "seconds": round(dt, 1),
-        "tokens_per_s": round(n_tok_todo / dt, 1) if dt > 0 and n_tok_todo else None,
-    }
-    say(f"cache: {stats['rows']} rows, {tokens:,} tokens, top-{k}, {stats['bytes'] / 2**20:.2f} MiB on disk = "
-        f"{stats['bytes_per_token']} bytes per token ({len(manifest['shards'])} shards) in {path}")
-    stats["teacher_eval"] = _teacher_eval(cfg, teacher, tok, vocab, path, device, say, served)
-    if served:
-        stats["api"] = teacher.summary()
-    return stats
-
-
-def _teacher_eval(cfg, teacher, tok, vocab: int, path: Path, device, say, served: bool = False) -> Optional[dict]:
-    """The teacher's held-out figures, stored beside the cache so that runs training from the cache
-    alone can report retention (see :func:`kdistill.pipeline.cached_teacher_eval`)."""
-    from kdistill.data import encode_examples
-    from kdistill.pipeline import TEACHER_EVAL_FILE, Models, _renderer, eval_fingerprint, load_data, model_metrics
-
-    try:
-        _, eval_rows = load_data(cfg)
-    except KDistillError as exc:
-        say(f"cache: no teacher figures stored ({exc})")
-        return None
-    fp = eval_fingerprint(cfg, eval_rows)
-    out = path / TEACHER_EVAL_FILE
-    if out.is_file() and json.loads(out.read_text()).get("fingerprint") == fp:
-        return json.loads(out.read_text())["metrics"]
-    renderer = _renderer(cfg, tok)
-    feats, _ = encode_examples(renderer, eval_rows)
-    say(f"cache: evaluating the teacher on {len(eval_rows)} held-out rows (stored in {out}, for retention)")
-    if served:  # its answers (kept in a subfolder: stray files in the cache folder are removed) and log-probs
-        from kdistill.pipeline import api_teacher_eval
-
-        answers = path / "eval_answers"
-        answers.mkdir(exist_ok=True)
-        ev, params, name = api_teacher_eval(cfg, eval_rows, answers, feats, teacher, tok.pad_token_id), None, teacher.name
-    else:
-        from kdistill.models import count_params
-
-        m = Models(teacher, None, tok, vocab, cfg.teacher.model, "")
-        ev = model_metrics(teacher, m, cfg, renderer, eval_rows, feats, False, device)
-        params, name = count_params(teacher), cfg.teacher.model
-    _atomic_write(out, json.dumps({"fingerprint": fp, "teacher": name, "rows": len(eval_rows),
-                                   "params": params, **ev}, indent=1).encode())
-    return ev["metrics"]
+def append_shard(path: Path, manifest: dict, sample_ids: list[str], hashes: list[str], counts: list[int],
+                 indices: np.ndarray, logprobs: np.ndarray, vocab_size: int) -> None:
+    """Write the next shard (atomically), then list it in the manifest (atomically)."""
+    data = shard_bytes(sample_ids, hashes, counts, indices, logprobs, vocab_size)
+    name = f"shard-{manifest['next_shard']:05d}.npz"
+    atomic_write(Path(path) / name, data)
+    manifest["shards"].append({"file": name, "sha256": _sha256(data), "bytes": len(data),
+                               "samples": len(sample_ids), "tokens": int(sum(counts))})
+    manifest["next_shard"] += 1
+    write_manifest(path, manifest)

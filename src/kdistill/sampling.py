@@ -1,49 +1,23 @@
-"""Batched generation shared by evaluation, teacher answers and the sampling methods.
+"""Sampling from a model: the one generation loop, and the student samplers of the methods.
 
 :func:`sample_completions` is the one generation loop (left padding, KV cache, eval mode): it
 returns each completion's *token ids*, cut after the first end-of-sequence token (EOS kept, what
-follows dropped). :func:`kdistill.evaluate.generate` decodes them to text.
+follows dropped). :func:`sample_texts` decodes them. :func:`make_sampler` gives a method the
+sampler its ``engine`` setting asks for: :class:`HFSampler` (transformers) or a colocated vLLM
+engine (:class:`kdistill.vllm_engine.VllmSampler`), both with one call shape.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
 
 from kdistill.data import collate_prompts
-
-
-def hf_model(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside a (DDP-wrapped) :class:`~kdistill.methods.base.StudentLM`."""
-    m = getattr(model, "module", model)
-    inner = getattr(m, "model", None)
-    return inner if inner is not None and hasattr(inner, "generate") and not hasattr(m, "generate") else m
-
-
-def eos_ids(model: nn.Module, tokenizer) -> list[int]:
-    """Every token that ends an answer: the tokenizer's EOS and the model's generation EOS(s)."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    g = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(g, int):
-        ids.add(g)
-    elif isinstance(g, (list, tuple)):
-        ids.update(int(x) for x in g)
-    return sorted(ids)
-
-
-def cut_at_eos(tokens: Sequence[int], eos: Iterable[int]) -> list[int]:
-    """Tokens up to and including the first EOS; everything after it (padding, junk) is dropped."""
-    eos = set(eos)
-    out = []
-    for t in tokens:
-        out.append(int(t))
-        if t in eos:
-            break
-    return out
+from kdistill.models.introspect import cut_at_eos, eos_ids, hf_model
+from kdistill.vllm_engine import VllmSampler
 
 
 @torch.no_grad()
@@ -113,10 +87,30 @@ class HFSampler:
 def make_sampler(engine: str, key: str, ctx, model: nn.Module, batch_size: int):
     """The student sampler a method's ``engine`` setting asks for (``key`` names it in errors)."""
     if engine == "vllm":
-        from pathlib import Path
-
-        from kdistill.vllm_engine import VllmSampler
-
         return VllmSampler(model, ctx.tokenizer, Path(ctx.output_dir) / "vllm_student", ctx.cfg.vllm, key,
                            seed=ctx.cfg.train.seed, max_model_len=ctx.cfg.data.max_length)
     return HFSampler(ctx.tokenizer, batch_size)
+
+
+def sample_texts(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    min_new_tokens: int = 0,
+    device=None,
+    finish_reasons: Optional[list] = None,
+) -> list[str]:
+    """Batched generation (greedy unless ``do_sample``); the decoded new text of each prompt.
+
+    ``finish_reasons``: a list to append each row's ``"stop"`` (ended with EOS) or ``"length"`` to.
+    """
+    comps = sample_completions(model, tokenizer, prompts, max_new_tokens, temperature if do_sample else 0.0,
+                               batch_size, device=device, min_new_tokens=min_new_tokens)
+    if finish_reasons is not None:
+        eos = set(eos_ids(hf_model(model), tokenizer))
+        finish_reasons += ["stop" if c and c[-1] in eos else "length" for c in comps]
+    return [tokenizer.decode(c, skip_special_tokens=True).strip() for c in comps]

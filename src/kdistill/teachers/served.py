@@ -27,10 +27,12 @@ import numpy as np
 import torch
 
 from kdistill.data import IGNORE_INDEX, collate
-from kdistill.errors import ModelError
+from kdistill.errors import ConfigError, ModelError
 from kdistill.losses import TopK
+from kdistill.store import memo_json
 from kdistill.teachers.api import ApiError, ApiTeacher, Completion, Job, _Fail, _Retry
-from kdistill.teachers.local import TeacherSignal
+from kdistill.teachers.base import HeldOut, Teacher, TeacherSignal, placeholder_topk, register_teacher
+from kdistill.teachers.text import ApiTextTeacher, answered_figures
 
 PROBE = "The quick brown fox, 12 + 30 = 42; naïve café. Ünïcödé and\ttabs\n"
 
@@ -90,7 +92,8 @@ class ApiLogprobs(ApiTeacher):
         return Completion(text="", finish_reason="stop", value=(idx, lp, own))
 
 
-class ApiLogprobTeacher:
+@register_teacher
+class ServedTeacher(Teacher):
     """The teacher signal from a vLLM server: top-k log-probs at every trained position.
 
     Args:
@@ -99,7 +102,12 @@ class ApiLogprobTeacher:
         name: shown in reports.
     """
 
+    name_of_kind = "served"
+    kind = "api"
+    offers = frozenset({"distribution", "any_sequence", "text", "judge"})
+    priority = 10
     can_fuse = True  # a top-k signal works with the student's fused (hidden-state) loss path
+    what = "a teacher served over HTTP (log-probs only)"
 
     def __init__(self, cfg, vocab_size: int, name: Optional[str] = None, system_prompt: Optional[str] = None):
         self.cfg = cfg
@@ -114,6 +122,25 @@ class ApiLogprobTeacher:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdistill-served-teacher")
         self._pending: dict[tuple, Future] = {}
         self.prefetched = 0  # batches whose log-probs were asked for ahead of time and then used
+        self.prefetches = bool(cfg.prefetch)
+
+    @classmethod
+    def accepts(cls, spec) -> bool:
+        return spec.api is not None and spec.api.logprobs is not None and spec.model is None and spec.cache is None
+
+    @classmethod
+    def build(cls, spec, key: str, env):
+        """The served teacher; only its chat side when the method needs just answers and ratings."""
+        if not env.needs & {"distribution", "any_sequence"}:
+            if not env.needs & {"text", "judge"}:
+                raise ConfigError(f"{key}.api.logprobs: a served teacher's log-probs serve methods that train on or "
+                                  f"score with the teacher's distributions; method {env.method} cannot use them")
+            env.say(f"{key}.api.logprobs is not used by method {env.method}: it needs the teacher's answers and ratings")
+            return ApiTextTeacher.build(spec, key, env)
+        t = cls(spec.api, env.vocab_size, system_prompt=env.cfg.data.system_prompt)
+        t.key = key
+        env.say(f"{key}: {t.name}; {t.check_tokenizer(env.tokenizer)}")
+        return t
 
     def check_tokenizer(self, tokenizer) -> str:
         """Compare the server's tokenization of a probe text with ``tokenizer`` (vLLM's ``/tokenize``);
@@ -204,9 +231,9 @@ class ApiLogprobTeacher:
         return (fut or self._submit(seqs)).result()
 
     @torch.no_grad()
-    def topk_at_labels(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def topk_at_labels(self, batch: dict, k: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(indices [N, k] long, logprobs [N, k] float32, own [N] float32)`` at the positions with a
-        label, in row-major order (as :func:`kdistill.cache.teacher_topk` gives them)."""
+        label, in row-major order (as :func:`kdistill.teachers.local.model_topk` gives them)."""
         todo = self._trained(batch)
         got = self._fetch(todo)
         k = self.top_k
@@ -218,14 +245,12 @@ class ApiLogprobTeacher:
         return torch.cat(parts_i), torch.cat(parts_l), torch.cat(parts_o)
 
     @torch.no_grad()
-    def signal(self, batch: dict, hidden: bool = True) -> TeacherSignal:
+    def signal(self, batch: dict, hidden: bool = True, feature_layers=None) -> TeacherSignal:
         """``TeacherSignal(topk=TopK(indices [batch, seq, k] long, logprobs [batch, seq, k] float32))``;
         positions without a label hold placeholders (ids 0..k-1, uniform) that the losses never read."""
         labels = batch["labels"]
         B, S = labels.shape
-        k = self.top_k
-        indices = torch.arange(k, dtype=torch.long).expand(B, S, k).clone()
-        logprobs = torch.full((B, S, k), -math.log(k), dtype=torch.float32)
+        indices, logprobs = placeholder_topk(B, S, self.top_k)
         keep = (labels != IGNORE_INDEX).cpu()
         indices[keep], logprobs[keep], _ = self.topk_at_labels(batch)  # row-major, as boolean indexing is
         dev = labels.device
@@ -233,10 +258,8 @@ class ApiLogprobTeacher:
 
     @property
     def text(self):
-        """The same server as a text teacher (chat answers, ratings): :class:`~kdistill.teachers.api.ApiTextTeacher`."""
+        """The same server as a text teacher (chat answers, ratings): :class:`~kdistill.teachers.text.ApiTextTeacher`."""
         if self._text is None:
-            from kdistill.teachers.api import ApiTextTeacher
-
             self._text = ApiTextTeacher(self.cfg, self.system_prompt)
         return self._text
 
@@ -257,7 +280,7 @@ class ApiLogprobTeacher:
 
     def mean_loglik(self, features: list[dict], pad_id: int, batch_size: int = 8) -> list[float]:
         """Per row: the teacher's mean log-likelihood of its trained tokens (e.g. a candidate answer),
-        as :func:`kdistill.feedback.loglik_scores` computes it with a local model."""
+        as :func:`kdistill.scoring.loglik_scores` computes it with a local model."""
         own = self._own_logprobs(features, pad_id, batch_size)
         # a token the server gave no log-prob for counts as very unlikely
         return [float(torch.nan_to_num(r, nan=-1e4).mean()) if r.numel() else 0.0 for r in own]
@@ -271,3 +294,15 @@ class ApiLogprobTeacher:
 
     def summary(self) -> dict:
         return {**self.api.summary(), "prefetched_batches": self.prefetched}
+
+    def heldout(self, ho: HeldOut) -> dict:
+        """Accuracy from its chat answers, perplexity from its log-probs (kept in ``ho.keep``: a rerun
+        does not pay for them again)."""
+        return memo_json(ho.keep, lambda: answered_figures(ho, self.cfg, served=self))
+
+    def unavailable(self, figures: dict) -> dict:
+        why = "the teacher is served over HTTP (its top-k log-probs train the student; these need its full distribution)"
+        return {"kl_to_teacher": why, "top1_agreement": why}
+
+    def describe(self) -> dict:
+        return {"name": self.name, "params": None, "kind": self.kind}

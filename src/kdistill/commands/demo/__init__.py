@@ -16,13 +16,21 @@ from typing import Optional
 
 import yaml
 
-from kdistill.demo.task import make_rows, split_names
+from kdistill.commands.demo.task import make_rows, split_names
+from kdistill.config import load_config
+from kdistill.console import print_summary, say
+from kdistill.data import Renderer, parse_row
+from kdistill.evaluate import matches
+from kdistill.models import load_model
+from kdistill.run import run
+from kdistill.sampling import sample_texts
+from kdistill.store import atomic_write
 
 DEMO_ROWS = {"train": 400, "eval": 200}
 
 
 def demo_config_dict(output_dir: str) -> dict:
-    data = yaml.safe_load(resources.files("kdistill.demo").joinpath("demo.yaml").read_text())
+    data = yaml.safe_load(resources.files("kdistill.commands.demo").joinpath("demo.yaml").read_text())
     data["output_dir"] = output_dir
     data["data"]["train"] = str(Path(output_dir) / "data" / "train.jsonl")
     data["data"]["eval"] = str(Path(output_dir) / "data" / "eval.jsonl")
@@ -30,9 +38,7 @@ def demo_config_dict(output_dir: str) -> dict:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.rename(path)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def prepare_data(cfg, say, progress: bool = True) -> dict:
@@ -40,11 +46,6 @@ def prepare_data(cfg, say, progress: bool = True) -> dict:
 
     Skipped when both files exist (a rerun reuses them).
     """
-    from kdistill.data import parse_row
-    from kdistill.evaluate import generate, matches
-    from kdistill.models import load_model
-    from kdistill.pipeline import _renderer
-
     train_path, eval_path = Path(cfg.data.train), Path(cfg.data.eval)
     stats_path = train_path.parent / "stats.json"
     if train_path.is_file() and eval_path.is_file() and stats_path.is_file():
@@ -56,7 +57,7 @@ def prepare_data(cfg, say, progress: bool = True) -> dict:
     t0 = time.time()
     teacher, tok = load_model(cfg.teacher.model, "teacher.model")
     say(f"teacher loaded in {time.time() - t0:.1f} s; it now answers {sum(map(len, rows.values()))} prompts (greedy)")
-    renderer = _renderer(cfg, tok)
+    renderer = Renderer(tok, cfg.data.max_length, cfg.data.system_prompt, cfg.data.chat_template)
     stats = {}
     for split, items in rows.items():
         prompts = [renderer.prompt_ids(parse_row(r, split, require_response=False)) for r in items]
@@ -69,7 +70,7 @@ def prepare_data(cfg, say, progress: bool = True) -> dict:
 
             it = tqdm(it, desc=f"teacher answers ({split})", unit="batch")
         for i in it:
-            answers += generate(teacher, tok, prompts[i : i + bs], cfg.eval.max_new_tokens, bs)
+            answers += sample_texts(teacher, tok, prompts[i : i + bs], cfg.eval.max_new_tokens, bs)
         correct = [matches(a, r["reference"]) for a, r in zip(answers, items)]
         for r, a in zip(items, answers):
             r["response"] = a
@@ -77,54 +78,24 @@ def prepare_data(cfg, say, progress: bool = True) -> dict:
         stats[split] = {"rows": len(items), "teacher_correct": sum(correct), "kept": len(kept),
                         "seconds": round(time.time() - t1, 1)}
         _write_jsonl(train_path if split == "train" else eval_path, kept)
-    stats_path.write_text(json.dumps(stats))
+    atomic_write(stats_path, json.dumps(stats))
     say(f"teacher answered: train {stats['train']['teacher_correct']}/{stats['train']['rows']} correct "
         f"(kept for training), held-out {stats['eval']['teacher_correct']}/{stats['eval']['rows']}")
     return stats
 
 
-def run_demo(output_dir: str = "runs/demo", overrides: Optional[list[str]] = None, progress: bool = True) -> dict:
-    from kdistill.cli import _say
-    from kdistill.config import load_config
-    from kdistill.pipeline import run
+def main(args) -> int:
+    run_demo(args.output_dir, args.overrides, progress=not args.no_progress)
+    return 0
 
+
+def run_demo(output_dir: str = "runs/demo", overrides: Optional[list[str]] = None, progress: bool = True) -> dict:
     cfg = load_config(None, overrides or [], base=demo_config_dict(output_dir))
-    _say("demo: distill SmolLM2-135M-Instruct (bundled) into a student cut from it, on first-name extraction")
+    say("demo: distill SmolLM2-135M-Instruct (bundled) into a student cut from it, on first-name extraction")
     t0 = time.time()
-    stats = prepare_data(cfg, _say, progress)
-    rep = run(cfg, say=_say, progress=progress)
+    stats = prepare_data(cfg, say, progress)
+    rep = run(cfg, say=say, progress=progress)
     rep["demo"] = {"data": stats, "total_seconds": round(time.time() - t0, 1)}
     Path(cfg.output_dir, "report.json").write_text(json.dumps(rep, indent=2))
     print_summary(rep, cfg.output_dir)
     return rep
-
-
-def print_summary(rep: dict, output_dir) -> None:
-    """The before/after table, samples and where the files are."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from kdistill.report import metrics_table
-
-    con = Console()
-    t = Table(title="held-out: teacher vs student", show_lines=False)
-    for col in ("metric", "teacher", "student (initial)", "student (trained)", "retention"):
-        t.add_column(col, justify="right" if col != "metric" else "left")
-    for row in metrics_table(rep):
-        t.add_row(*row)
-    con.print(t)
-    sp = rep.get("speed") or {}
-    if sp.get("teacher") and sp.get("student"):
-        con.print(
-            f"generation: teacher {sp['teacher']['tokens_per_s']} tok/s, {sp['teacher']['peak_memory_mb']} MB; "
-            f"student {sp['student']['tokens_per_s']} tok/s, {sp['student']['peak_memory_mb']} MB"
-        )
-    for smp in rep.get("samples", []):
-        con.print(f"[dim]prompt:[/] {smp['prompt'].splitlines()[-1]}")
-        con.print(f"   reference={smp.get('reference')!r} teacher={smp.get('teacher')!r} "
-                  f"initial={smp.get('student_initial')!r} trained={smp.get('student')!r}")
-    if rep.get("headline"):
-        con.print(f"[bold green]{rep['headline']}[/]")
-    out = Path(output_dir)
-    con.print(f"files: {out / 'student'}/  {out / 'report.md'}  {out / 'report.json'}  "
-              + "  ".join(str(out / p) for p in rep.get("plots", ["loss.png", "metrics.png"])))

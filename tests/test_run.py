@@ -10,7 +10,7 @@ import yaml
 from conftest import Crash, base_config, crash_at_loss
 from kdistill.cli import main
 from kdistill.config import load_config
-from kdistill.pipeline import run
+from kdistill.run import run
 
 
 def _metrics(out):
@@ -190,7 +190,7 @@ def test_bf16_mixed_precision_runs(tiny, tmp_path, method):
 def test_teacher_answers_from_the_data_are_scored_not_regenerated(tiny, tmp_path, monkeypatch):
     """eval.teacher_answers: data — the held-out responses are the teacher's own answers: its accuracy
     is scored from them and only the students generate."""
-    from kdistill import pipeline as pl
+    from kdistill import evaluate as pl
 
     calls = []
     real = pl.task_accuracy
@@ -253,8 +253,8 @@ def test_trainer_shows_a_method_the_next_steps_batches_early(tiny, tmp_path, mon
             events.append(("signal", tuple(batch["ids"])))
         return signal(self, batch, *a, **k)
 
-    monkeypatch.setattr(LocalTeacher, "prefetch", lambda self, b: events.append(("ahead", tuple(b["ids"]))),
-                        raising=False)
+    monkeypatch.setattr(LocalTeacher, "prefetches", True)
+    monkeypatch.setattr(LocalTeacher, "prefetch", lambda self, b: events.append(("ahead", tuple(b["ids"]))))
     monkeypatch.setattr(LocalTeacher, "signal", recorded_signal)
     assert go("ahead") == plain
     trained = [key for kind, key in events if kind == "signal"]

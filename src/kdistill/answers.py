@@ -1,4 +1,7 @@
-"""``kdistill generate``: a teacher answers prompts -> an append-only, resumable JSONL.
+"""Teacher answers: a teacher answers prompts -> an append-only, resumable JSONL.
+
+The job behind ``kdistill generate`` (:mod:`kdistill.commands.generate`) and behind a ``generate:``
+section in a ``method: sequence`` run.
 
 Input rows (``generate.prompts``): ``{"id"?: str, "prompt": str}`` or ``{"id"?, "messages": [...]}``
 (other fields such as ``reference`` are carried over to the output). A bad line is reported with
@@ -27,7 +30,6 @@ Crash safety (``kill -9`` at any moment, then the same command again):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -37,7 +39,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
+
+from kdistill.data import Example, Renderer, parse_row
 from kdistill.errors import ConfigError, DataError
+from kdistill.models import load_model, load_tokenizer, resolve_source
+from kdistill.sampling import sample_texts
+from kdistill.store import exclusive, read_jsonl_rows, write_json
+from kdistill.teachers.api import ApiTeacher, Job
+from kdistill.vllm_engine import build_llm
 
 log = logging.getLogger("kdistill")
 
@@ -94,8 +104,6 @@ class PromptFile:
 
 def read_prompts(path: str | Path) -> PromptFile:
     """Read a prompts JSONL; bad lines are collected (with line numbers), not fatal."""
-    from kdistill.data import parse_row
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"generate.prompts: file not found: {path}")
@@ -128,50 +136,15 @@ def read_prompts(path: str | Path) -> PromptFile:
 # the output file
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def load_done(path: Path) -> tuple[dict[str, dict], int]:
     """Rows already in ``path`` by id, repairing the file: returns ``(rows, n_lines_dropped)``.
 
-    A torn last line (killed mid-write) is cut off; a corrupt or duplicate line elsewhere is
-    dropped (the file is rewritten atomically without it).
+    A torn last line (killed mid-write), a corrupt line or a repeated id is dropped and the file
+    rewritten atomically without it (:func:`kdistill.store.read_jsonl_rows`).
     """
-    if not path.is_file():
-        return {}, 0
-    raw = path.read_bytes()
-    done: dict[str, dict] = {}
-    keep: list[bytes] = []
-    dropped = 0
-    lines = raw.split(b"\n")
-    tail = lines.pop()  # the part after the last newline: b"" unless the last write was torn
-    if tail.strip():
-        dropped += 1
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            rid = row["id"]
-            if not isinstance(row.get("response"), str):
-                raise ValueError
-        except (ValueError, KeyError, TypeError):
-            dropped += 1
-            continue
-        if rid in done:
-            dropped += 1
-            continue
-        done[rid] = row
-        keep.append(line)
-    if dropped or (tail and not tail.strip()):
+    done, dropped = read_jsonl_rows(path, "id", valid=lambda row: isinstance(row.get("response"), str))
+    if dropped:
         log.warning("%s: dropped %d torn, corrupt or duplicate line(s) left by an interrupted run", path, dropped)
-        _atomic_write(path, b"".join(l + b"\n" for l in keep))
     return done, dropped
 
 
@@ -244,8 +217,7 @@ def _check_meta(out: Path, settings: dict, have_rows: bool) -> None:
                 f"generate.output: {out} holds answers made with {k}={old.get(k)!r}, not {settings[k]!r}; "
                 "use another generate.output (or delete the file) to start over"
             )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta.write_text(json.dumps(settings, indent=2))
+    write_json(meta, settings, main_only=False)
 
 
 def _tasks(prompts: list[Prompt], cfg, system: Optional[str]) -> list[Task]:
@@ -313,23 +285,6 @@ class _Progress:
             self.bar.close()
 
 
-@contextlib.contextmanager
-def _exclusive(out: Path):
-    """Hold an exclusive lock on ``OUTPUT.lock`` (released on exit, also when the process is killed)."""
-    import fcntl
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(_sidecar(out, ".lock"), os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise ConfigError(f"generate.output: another kdistill process is writing {out}; wait for it or stop it") from None
-        yield
-    finally:
-        os.close(fd)
-
-
 def generate(cfg, say: Callable[[str], None] = log.info, progress: bool = True, local=None) -> dict:
     """Run (or resume) the generation job of ``cfg.generate``; returns a summary dict.
 
@@ -359,7 +314,7 @@ def generate(cfg, say: Callable[[str], None] = log.info, progress: bool = True, 
     if not pf.prompts:
         raise DataError(f"{prompts_path}: no usable prompt rows")
 
-    with _exclusive(out):  # one writer per output file
+    with exclusive(_sidecar(out, ".lock"), str(out), "generate.output"):  # one writer per output file
         done, dropped = load_done(out)
         _check_meta(out, _settings(cfg, teacher), bool(done))
         tasks = _tasks(pf.prompts, cfg, system)
@@ -408,7 +363,7 @@ def generate(cfg, say: Callable[[str], None] = log.info, progress: bool = True, 
             summary["seconds"] = round(time.time() - t0, 2)
             summary["requests"] = max(summary["requests"], requests[0])
             summary["complete"] = summary["already_done"] + summary["succeeded"] == summary["total"]
-            _sidecar(out, ".summary.json").write_text(json.dumps(summary, indent=2))
+            write_json(_sidecar(out, ".summary.json"), summary, main_only=False)
         rate = summary["requests"] / max(summary["seconds"], 1e-6)
         say(f"generate: {summary['succeeded']} answered, {summary['failed']} failed, {summary['retried']} retries, "
             f"{summary['requests']} requests ({rate:.3g}/s) in {summary['seconds']:.1f} s -> {out}"
@@ -417,8 +372,6 @@ def generate(cfg, say: Callable[[str], None] = log.info, progress: bool = True, 
 
 
 def _run_api(cfg, todo: list[Task], on_result, summary: dict) -> None:
-    from kdistill.teachers.api import ApiTeacher, Job
-
     g = cfg.generate
     api = ApiTeacher(cfg.teacher.api)
     jobs = (Job(t, t.messages, g.temperature, g.max_new_tokens, g.top_p) for t in todo)
@@ -432,12 +385,6 @@ def _run_api(cfg, todo: list[Task], on_result, summary: dict) -> None:
 
 def _run_local(cfg, todo: list[Task], on_result, local=None) -> None:
     """A local transformers model: batched generation with a KV cache, one batch written at a time."""
-    import torch
-
-    from kdistill.data import Example, Renderer
-    from kdistill.evaluate import generate as hf_generate
-    from kdistill.models import load_model
-
     g = cfg.generate
     if local is None:
         local = load_model(cfg.teacher.model, "teacher.model", cfg.teacher.dtype, cfg.teacher.revision,
@@ -449,7 +396,7 @@ def _run_local(cfg, todo: list[Task], on_result, local=None) -> None:
         chunk = todo[i : i + g.batch_size]
         ids = [renderer.prompt_ids(Example(t.id, t.messages, None)) for t in chunk]
         reasons: list[str] = []
-        texts = hf_generate(model, tok, ids, g.max_new_tokens, g.batch_size, do_sample=g.temperature > 0,
+        texts = sample_texts(model, tok, ids, g.max_new_tokens, g.batch_size, do_sample=g.temperature > 0,
                             temperature=max(g.temperature, 1e-5), finish_reasons=reasons)
         for t, text, why in zip(chunk, texts, reasons):
             if text.strip():
@@ -465,10 +412,6 @@ def _run_vllm(cfg, todo: list[Task], on_result) -> None:
     ``data.chat_template``) and given to vLLM as token ids.
     """
     from vllm import SamplingParams
-
-    from kdistill.data import Example, Renderer
-    from kdistill.models import load_tokenizer, resolve_source
-    from kdistill.vllm_engine import build_llm
 
     g = cfg.generate
     tok = load_tokenizer(cfg.teacher.model, "teacher.model", cfg.teacher.revision, cfg.teacher.trust_remote_code)

@@ -1,0 +1,404 @@
+"""The one run every method shares, as named phases (read :func:`run` top to bottom).
+
+    setup  ->  teacher weights  ->  training rows  ->  student  ->  teacher  ->  method
+           ->  baseline figures  ->  fit  ->  final figures  ->  report and save
+
+What differs between methods is asked of the method's class (what it needs of the teacher, whether
+it writes its own rows, whether teacher and student must share a vocabulary, one trainer pass or
+its own stages); what differs between teachers is asked of the teacher (what it offers, how it
+reports on itself). ``kdistill run`` is :func:`run`; ``kdistill eval`` is :func:`evaluate`, the
+same phases without ``fit``. Every user mistake raises a
+:class:`~kdistill.errors.KDistillError` before any training starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from accelerate import Accelerator
+
+from kdistill.config import check_paths, dump_config
+from kdistill.console import quiet
+from kdistill.curriculum import describe, difficulty
+from kdistill.data import Example, Renderer, collate, encode_examples, load_examples, mix_tasks, split_examples, tag_task, task_of
+from kdistill.errors import ConfigError, DataError
+from kdistill.evaluate import BestKeeper, heldout_figures, measure_speed
+from kdistill.methods import build_method, method_class, method_names
+from kdistill.methods.base import RunContext
+from kdistill.models import StudentLM, check_vocab, count_params, output_vocab_size, tokenizer_fingerprint
+from kdistill.report import build_report, model_card, write_report
+from kdistill.stages import StageRunner
+from kdistill.store import memo_json
+from kdistill.students import build_student, display_name
+from kdistill.teachers import BuildEnv, HeldOut, build_teacher, load_teacher_weights, primary_teacher, teacher_configs
+from kdistill.teachers.build import uses_model
+from kdistill.trainer import _latest_checkpoint, train
+
+log = logging.getLogger("kdistill")
+
+
+def run(cfg, say: Callable[[str], None] = log.info, progress: bool = True) -> dict:
+    """``kdistill run``: train a student and write everything into ``cfg.output_dir``."""
+    r = Run(cfg, say, progress)
+    r.setup()
+    r.load_teacher_weights()
+    r.load_rows()
+    r.load_student()
+    r.build_teacher()
+    r.build_method()
+    r.baseline()
+    r.fit()
+    r.final()
+    return r.report_and_save()
+
+
+def evaluate(cfg, say: Callable[[str], None] = log.info) -> dict:
+    """``kdistill eval``: the same report for an existing teacher and student, without training."""
+    r = Run(cfg, say, progress=False, training=False)
+    r.setup()
+    r.load_teacher_weights()
+    r.load_rows()
+    r.load_student()
+    r.build_teacher()
+    r.baseline()
+    r.final()
+    return r.report_and_save()
+
+
+class Run:
+    """The state of one run, filled in phase by phase."""
+
+    def __init__(self, cfg, say: Callable[[str], None] = log.info, progress: bool = True, training: bool = True):
+        self.cfg, self.training, self.progress = cfg, training, progress
+        self.say_main = say
+        self.method_cls = method_class(cfg.method)
+        self.out = Path(cfg.output_dir)
+        self.extras: dict = {}  # what the method's row phase reports (e.g. generation, filters)
+        self.mixture: dict = {}
+        self.rows: Optional[tuple] = None
+        self.t_weights = None  # the primary teacher's (model, tokenizer), when it has local weights
+        self.teacher = None
+        self.method = None
+        self.freed_teacher_params: Optional[int] = None
+        self.training_summary: Optional[dict] = None
+
+    @property
+    def say(self) -> Callable[[str], None]:
+        """Messages come from the main process only."""
+        return self.say_main if getattr(self, "acc", None) is None or self.acc.is_main_process else quiet
+
+    @property
+    def t_model(self):
+        return self.t_weights[0] if self.t_weights is not None else None
+
+    # -- phase 1: setup ----------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Check files, read the rows (unless the method writes them), then the output folder and
+        the accelerator (``config.yaml`` is written only once the config and data are known good)."""
+        cfg = self.cfg
+        rows_later = self.method_cls.rows_after_teacher(cfg)
+        check_paths(cfg, need_train=self.training and not rows_later)
+        if not rows_later:
+            self.rows = self.method_cls.training_rows(self)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.training:
+            (self.out / "config.yaml").write_text(dump_config(cfg))
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        self.acc = Accelerator(mixed_precision=cfg.train.mixed_precision) if self.training else _SingleProcess()
+        check_launch(self.acc.num_processes)
+        self.device = self.acc.device
+
+    def read_rows(self, require_train: Optional[bool] = None, require_response: Optional[bool] = None,
+                  train_path: Optional[str] = None) -> tuple[list[Example], list[Example]]:
+        """(called by a method's ``training_rows``) ``data:`` -> (training rows, held-out rows).
+
+        Held-out rows are ``data.eval``, or a deterministic split of the training rows. With
+        ``data.tasks``: every task's rows (ids ``task/ID``, ``extra["task"]``), held out per task,
+        the training rows mixed by the tasks' weights. ``train_path`` replaces ``data.train``.
+        """
+        cfg = self.cfg
+        require_train = self.training if require_train is None else require_train
+        require_response = self.method_cls.needs_responses if require_response is None else require_response
+        if cfg.data.tasks is not None:
+            train, held = [], []
+            for t in cfg.data.tasks:
+                rows = tag_task(load_examples(t.train, require_response=require_response), t.name)
+                if t.eval is not None:
+                    h = tag_task(load_examples(t.eval, require_response=require_response), t.name)
+                else:
+                    rows, h = split_examples(rows, cfg.data.eval_fraction, cfg.train.seed)
+                train += rows
+                held += h[: cfg.data.max_eval_rows]
+            stats = {t.name: {"rows": sum(task_of(e) == t.name for e in train)} for t in cfg.data.tasks}
+            if all(t.weight is not None for t in cfg.data.tasks):
+                train, stats = mix_tasks(train, {t.name: t.weight for t in cfg.data.tasks}, cfg.train.seed)
+            self.mixture = stats
+            return train, held
+        train: list[Example] = []
+        train_path = train_path or cfg.data.train
+        if train_path is not None:
+            train = load_examples(train_path, require_response=require_response)
+        elif require_train:
+            raise ConfigError("data.train: required key is missing (a JSONL file of prompt/response rows, e.g. "
+                              "teacher-written rows from `kdistill generate`, or a generate: section)")
+        if cfg.data.eval is not None:
+            held = load_examples(cfg.data.eval, require_response=require_response)
+        elif train:
+            train, held = split_examples(train, cfg.data.eval_fraction, cfg.train.seed)
+        else:
+            raise ConfigError("data.eval: required key is missing (or give data.train to hold out a split)")
+        return train, held[: cfg.data.max_eval_rows]
+
+    # -- phase 2: models ---------------------------------------------------------------------
+
+    def load_teacher_weights(self) -> None:
+        """The primary teacher's weights, when a teacher has a ``model`` (to cut, to measure, to run)."""
+        self.t_weights = load_teacher_weights(self.cfg, self.say)
+        if self.t_model is not None:
+            self.t_model.to(self.device)
+
+    def load_rows(self) -> None:
+        """The training and held-out rows: read in setup, or written now by the method (e.g. sequence's
+        ``generate:``, which needs the teacher)."""
+        if self.rows is None:
+            self.rows = self.method_cls.training_rows(self)
+        self.train_rows, self.eval_rows = self.rows
+
+    def renderer_for(self, tok) -> Renderer:
+        return Renderer(tok, self.cfg.data.max_length, self.cfg.data.system_prompt, self.cfg.data.chat_template)
+
+    def load_student(self) -> None:
+        """The student (given, or cut from the teacher), the shared vocabulary, the encoded rows."""
+        cfg = self.cfg
+        self.student, self.tokenizer, self.student_name, self.teacher_layers = build_student(
+            cfg, self.t_weights, self.renderer_for, self.train_rows, self.out, self.say, self._teacher_is())
+        self.student.to(self.device)
+        t_tok = self.t_weights[1] if self.t_weights is not None else None
+        self.same_vocab = t_tok is not None and tokenizer_fingerprint(t_tok) == tokenizer_fingerprint(self.tokenizer)
+        if self.t_weights is not None and (self.method_cls.shares_vocab or self.same_vocab):
+            self.vocab_size = check_vocab(t_tok, self.tokenizer, self.t_model, self.student)
+        else:
+            self.vocab_size = min(output_vocab_size(self.student), len(self.tokenizer))
+        self.renderer = self.renderer_for(self.tokenizer)
+        self.feats, n_empty = encode_examples(self.renderer, self.train_rows) if self.training else ([], 0)
+        self.truncated = self.renderer.truncated
+        self.eval_renderer = self.renderer_for(self.tokenizer)
+        self.eval_feats, _ = encode_examples(self.eval_renderer, self.eval_rows)
+        needs = self.method_cls.needs_responses
+        if self.truncated or (n_empty and needs):
+            self.say(f"data: {self.truncated} of {len(self.train_rows)} training rows truncated to data.max_length="
+                     f"{cfg.data.max_length}" + (f"; {n_empty} had no response tokens left and are skipped" if n_empty else ""))
+        if self.training and not self.feats and needs:
+            raise DataError(f"{cfg.data.train or 'data.tasks'}: no row has response tokens within "
+                            f"data.max_length={cfg.data.max_length}")
+
+    def _teacher_is(self) -> Optional[str]:
+        specs = teacher_configs(self.cfg)
+        if any(s.cache is not None for s in specs):
+            return "a cache"
+        if any(s.api is not None for s in specs):
+            return "an API"
+        return None
+
+    def build_teacher(self) -> None:
+        """The teacher object (from the kind registry), checked against what the method needs."""
+        cfg, needs = self.cfg, self.method_cls.teacher_needs(self.cfg)
+        env = BuildEnv(cfg=cfg, tokenizer=self.tokenizer, vocab_size=self.vocab_size, features=self.feats,
+                       device=self.device, say=self.say, weights=self.t_weights, student=self.student,
+                       primary=primary_teacher(cfg), needs=needs, method=cfg.method)
+        self.teacher = build_teacher(cfg, env) if (self.training or self.t_weights is None) else None
+        if self.teacher is None and self.t_weights is None and needs:
+            raise ConfigError("teacher.model: required for this method (hub id, folder, .gguf file, or 'demo'), "
+                              "or teacher.cache")
+        if self.teacher is not None:
+            missing = sorted(needs - self.teacher.offers)
+            if missing:
+                could = [n for n in method_names() if n != cfg.method
+                         and method_class(n).teacher_needs(cfg) and method_class(n).teacher_needs(cfg) <= self.teacher.offers]
+                raise ConfigError(self.teacher.refuse(missing[0], cfg.method, ", ".join(could)))
+
+    def build_method(self) -> None:
+        ctx = RunContext(cfg=self.cfg, tokenizer=self.tokenizer, teacher=self.teacher, vocab_size=self.vocab_size,
+                         output_dir=self.out, device=self.device, renderer=self.renderer,
+                         train_examples=self.train_rows, student=self.student, extra=self.extras)
+        try:
+            self.method = build_method(self.cfg.method, ctx)
+        except ValueError as exc:
+            raise ConfigError(f"method: {exc}") from None
+        self.feats = self.method.train_features() or self.feats
+
+    # -- phase 3: figures before training ------------------------------------------------------
+
+    def _student_figures(self, model) -> dict:
+        rows = self.method.eval_rows(self.eval_rows) if self.method is not None else self.eval_rows
+        live = self.t_model if self.same_vocab else None
+        return heldout_figures(model, self.tokenizer, self.eval_renderer, rows, self.eval_feats, self.cfg.eval,
+                               self.vocab_size, teacher=live, device=self.device)
+
+    def _teacher_figures(self) -> dict:
+        if self.t_model is not None:
+            t_model, t_tok = self.t_weights
+            if self.same_vocab:
+                renderer, feats, vocab = self.eval_renderer, self.eval_feats, self.vocab_size
+            else:  # the teacher is measured with its own tokenizer
+                renderer = self.renderer_for(t_tok)
+                feats, _ = encode_examples(renderer, self.eval_rows)
+                vocab = min(output_vocab_size(t_model), len(t_tok))
+            return heldout_figures(t_model, t_tok, renderer, self.eval_rows, feats, self.cfg.eval, vocab,
+                                   is_teacher=True, device=self.device)
+        if self.teacher is None:
+            return {"metrics": {}, "outputs": []}
+        ho = HeldOut(self.cfg, self.eval_rows, self.eval_feats, self.out, self.tokenizer.pad_token_id, self.say,
+                     keep=self.out / "eval_teacher.json" if self.training else None)
+        with self.acc.main_process_first():  # asked once; the other processes find it on disk
+            return self.teacher.heldout(ho)
+
+    def baseline(self) -> None:
+        self.say(f"evaluating the teacher and the initial student on {len(self.eval_rows)} held-out rows"
+                 if self.training else f"evaluating teacher and student on {len(self.eval_rows)} held-out rows")
+        keep = self.out / "eval_teacher.json" if self.training and self.t_model is not None else None
+        self.teacher_ev = memo_json(keep, self._teacher_figures)
+        self.initial_ev = (memo_json(self.out / "eval_student_initial.json", lambda: self._student_figures(self.student))
+                           if self.training else None)
+
+    # -- phase 4: fit ------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        cfg, acc = self.cfg, self.acc
+        if self.t_model is not None and not uses_model(self.teacher, self.t_model):
+            # the signal comes from a cache: train without the teacher model in memory
+            self.freed_teacher_params = count_params(self.t_model)
+            self.t_weights = None
+            gc.collect()
+            self.say("teacher model freed for training (signal from the cache); it is reloaded for the final evaluation")
+        self.say(f"training ({self.method.describe()}) on {len(self.feats)} rows")
+        stages = StageRunner(cfg, self.tokenizer, self.t_model, self.vocab_size, self.device, self.eval_rows,
+                             self.eval_feats, self.progress and acc.is_main_process, self.say)
+        staged = self.method.fit(self.student, stages)  # multi-pass methods (stages); None = one trainer pass
+        if staged is not None:
+            self.student, training = staged
+            self.training_summary = {**training, "truncated_rows": self.truncated}
+            self.teacher_layers = getattr(self.student.config, "kdistill_teacher_layers", self.teacher_layers)
+            return
+        wrapper = StudentLM(self.student, self.method.trainable_modules())
+        curriculum = None
+        if cfg.curriculum.by != "none":
+            live = self.t_model if self.same_vocab else None
+            scores = difficulty(cfg.curriculum, self.feats, self.out, live, self.tokenizer.pad_token_id,
+                                self.vocab_size, cfg.eval.batch_size)
+            curriculum = (cfg.curriculum, scores)
+        keeper = None
+        if cfg.eval.every:
+            keeper = BestKeeper(cfg.eval.select_best, lambda s: self._student_figures(s)["metrics"], self.out, self.say,
+                                fresh=_latest_checkpoint(self.out / "checkpoints") is None)
+        result = train(wrapper, self.method, self.feats, lambda b: collate(b, self.tokenizer.pad_token_id), cfg.train,
+                       self.out, accelerator=acc, progress=self.progress, curriculum=curriculum,
+                       evaluator=(cfg.eval.every, keeper) if keeper is not None else None)
+        self.student = acc.unwrap_model(wrapper).model
+        if result.resumed_from is not None:
+            self.say(f"resumed from the checkpoint at step {result.resumed_from} of {result.steps}"
+                     + (" (training was already complete)" if result.resumed_from == result.steps else ""))
+        training = {"steps": result.steps, "seconds": round(result.seconds, 1), "train_rows": len(self.feats),
+                    "items": result.tokens, "resumed_from": result.resumed_from, "stopped_early": result.stopped_early,
+                    "truncated_rows": self.truncated}
+        if curriculum is not None:
+            training["curriculum"] = describe(cfg.curriculum, curriculum[1], result.steps)
+        if keeper is not None:
+            self.student = keeper.select(self.student, training)
+        self.training_summary = training
+
+    # -- phase 5: figures after training, report ------------------------------------------------
+
+    def final(self) -> None:
+        if self.freed_teacher_params is not None:
+            self.t_weights = load_teacher_weights(self.cfg, self.say, with_tokenizer=True)
+            self.t_model.to(self.device)
+        self.final_ev = self._student_figures(self.student)
+        self.speed = self._speed() if self.acc.is_main_process else {}
+
+    def _speed(self) -> dict:
+        n = self.cfg.eval.speed_prompts
+        if n == 0 or not self.eval_rows:
+            return {}
+        new = self.cfg.eval.speed_new_tokens
+        rows = self.eval_rows[:n]
+        out = {}
+        if self.t_model is not None:
+            t_tok = self.t_weights[1]
+            r = self.eval_renderer if self.same_vocab else self.renderer_for(t_tok)
+            out["teacher"] = measure_speed(self.t_model, t_tok, [r.prompt_ids(e) for e in rows], new, self.device)
+        out["student"] = measure_speed(self.student, self.tokenizer, [self.eval_renderer.prompt_ids(e) for e in rows],
+                                       new, self.device)
+        return out
+
+    def _describe_teacher(self) -> dict:
+        prim = primary_teacher(self.cfg)
+        if self.t_model is not None:
+            return {"name": display_name(prim.model), "params": count_params(self.t_model), "kind": "local"}
+        if self.teacher is None:
+            return {"name": "(teacher-written data)", "params": None, "kind": "none"}
+        d = self.teacher.describe()
+        d["params"] = d.get("params") or self.freed_teacher_params or self.teacher_ev.get("params")
+        return d
+
+    def _unavailable(self) -> dict:
+        if self.t_model is not None:
+            if self.same_vocab:
+                return {}
+            why = "teacher and student tokenizers differ (no token-level comparison)"
+            return {"kl_to_teacher": why, "top1_agreement": why,
+                    "perplexity": "per-token perplexities under different tokenizers are not comparable (each model's "
+                                  "own perplexity is still reported)"}
+        if self.teacher is None:
+            why = "no teacher is available at train time (teacher-written data only)"
+            return {k: why for k in ("accuracy", "perplexity", "kl_to_teacher", "top1_agreement")}
+        return self.teacher.unavailable(self.teacher_ev)
+
+    def report_and_save(self) -> dict:
+        student_desc = {"name": self.student_name, "params": count_params(self.student),
+                        "teacher_layers": self.teacher_layers}
+        method_summary = self.method.summary() if self.method is not None and self.training else {}
+        rep = build_report(self.cfg.method, self._describe_teacher(), student_desc, self.teacher_ev, self.initial_ev,
+                           self.final_ev, self.eval_rows, self.cfg.eval.show_samples, self.speed,
+                           self.training_summary, method_summary, self._unavailable())
+        if self.method is not None:
+            rep.update(self.method.report_extras())
+        if self.mixture:
+            rep["data_mixture"] = self.mixture
+        if self.acc.is_main_process:
+            if self.training:
+                sdir = self.out / "student"
+                self.student.save_pretrained(str(sdir))
+                self.tokenizer.save_pretrained(str(sdir))
+                (sdir / "README.md").write_text(model_card(rep, dump_config(self.cfg)))
+            write_report(rep, self.out)
+        return rep
+
+
+class _SingleProcess:
+    """``kdistill eval`` runs in one process without an accelerator: the same few attributes."""
+
+    num_processes, process_index, is_main_process = 1, 0, True
+
+    def __init__(self):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def main_process_first(self):
+        return contextlib.nullcontext()
+
+
+def check_launch(num_processes: int) -> None:
+    """Refuse N copies of one run: a launcher started several processes but accelerate sees one
+    (on CPUs accelerate only goes multi-process when asked: ``accelerate launch --cpu``)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and num_processes == 1:
+        raise ConfigError(f"launched as {launched} processes (WORLD_SIZE), but accelerate runs each as a separate "
+                          "single-process run; without GPUs use `accelerate launch --cpu` or set ACCELERATE_USE_CPU=true")
