@@ -180,7 +180,7 @@ def test_resume_after_sigkill_exactly_once(tiny, tiny_cache, tmp_path):
         with np.load(path / e["file"]) as z:
             ids += [x.decode() for x in z["sample_ids"].tolist()]
     assert len(ids) == len(set(ids)) == 64  # none missing, none twice
-    assert sorted(f.name for f in path.iterdir()) == sorted(["manifest.json", "teacher_eval.json"]
+    assert sorted(f.name for f in path.iterdir()) == sorted([".kdistill.lock", "manifest.json", "teacher_eval.json"]
                                                             + [e["file"] for e in m["shards"]])  # no leftovers
     got, ref = _all_cached(path), _all_cached(ref_path)
     assert got.keys() == ref.keys()

@@ -149,7 +149,8 @@ def test_accumulation_and_resume_under_two_processes(tiny, tmp_path):
     clean, resumed = tmp_path / "clean", tmp_path / "resumed"
     assert _launch(base_config(tiny, clean, train={"max_steps": 4, **const}, **common), tmp_path / "c.yaml", 2).returncode == 0
     assert _launch(base_config(tiny, resumed, train={"max_steps": 2, **const}, **common), tmp_path / "r.yaml", 2).returncode == 0
-    r = _launch(base_config(tiny, resumed, train={"max_steps": 4, **const}, **common), tmp_path / "r.yaml", 2)
+    r = _launch(base_config(tiny, resumed, train={"max_steps": 4, "resume": "accept_changes", **const}, **common),
+                tmp_path / "r.yaml", 2)  # a longer run: a changed setting, continued by choice
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((resumed / "report.json").read_text())["training"]["resumed_from"] == 2
     assert _losses(resumed) == pytest.approx(_losses(clean), rel=1e-5)

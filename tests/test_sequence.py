@@ -129,7 +129,8 @@ def test_sequence_api_teacher_other_tokenizer_generate_filters_judge(tiny, tmp_p
         assert "not measured" in (out / "report.md").read_text()
         # a rerun pays for nothing again: generation, judge scores and teacher eval answers are on disk
         (out / "report.json").unlink()
-        assert main(["run", str(tmp_path / "c.yaml"), "--no-progress", "--set", "train.max_steps=4"]) == 0
+        assert main(["run", str(tmp_path / "c.yaml"), "--no-progress", "--set", "train.max_steps=4",
+                     "--set", "train.resume=accept_changes"]) == 0
         assert len(srv.requests) == n_requests
     finally:
         srv.stop()

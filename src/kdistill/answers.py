@@ -37,19 +37,39 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 
-from kdistill.data import Example, Renderer, parse_row
+from pydantic import Field
+
+from kdistill.data import Example, Renderer, jsonl_lines, parse_row
 from kdistill.errors import ConfigError, DataError
 from kdistill.models import load_model, load_tokenizer, resolve_source
+from kdistill.section import Section
 from kdistill.sampling import sample_texts
-from kdistill.store import exclusive, read_jsonl_rows, write_json
+from kdistill.store import exclusive, read_json, read_jsonl_rows, write_json
 from kdistill.teachers.api import ApiTeacher, Job
 from kdistill.vllm_engine import build_llm
 
 log = logging.getLogger("kdistill")
+
+class GenerateConfig(Section):
+    """``kdistill generate``: the teacher answers prompts -> an append-only, resumable JSONL."""
+
+    prompts: Optional[str] = Field(None, description="JSONL of {id?, prompt} or {id?, messages}; in `run`: default data.train")
+    output: Optional[str] = Field(None, description="output JSONL (default: OUTPUT_DIR/teacher.jsonl)")
+    samples_per_prompt: int = Field(1, ge=1)
+    temperature: float = Field(0.7, ge=0.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(512, ge=1)
+    style: Literal["plain", "explain", "rationale"] = Field(
+        "plain", description="explain: Orca-style step-by-step system message; rationale: rationale + final answer, stored apart"
+    )
+    system_prompt: Optional[str] = Field(None, description="replaces the style's system message")
+    batch_size: int = Field(8, ge=1, description="prompts per batch for a local teacher")
+    seed: int = 0
+
 
 #: Orca-style system messages ("Orca: Progressive Learning from Complex Explanation Traces", Mukherjee et al. 2023).
 EXPLAIN_SYSTEM = (
@@ -109,26 +129,21 @@ def read_prompts(path: str | Path) -> PromptFile:
         raise DataError(f"generate.prompts: file not found: {path}")
     out = PromptFile([])
     seen: set[str] = set()
-    with path.open(encoding="utf-8", errors="replace") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                out.bad_lines.append(f"{where}: not valid JSON ({exc.msg})")
-                continue
-            try:  # a conversation ending on an assistant turn: that turn is answered anew
-                ex = parse_row(row, where, require_response=False)
-            except DataError as exc:
-                out.bad_lines.append(str(exc))
-                continue
-            if ex.id in seen:
-                out.duplicates += 1
-                continue
-            seen.add(ex.id)
-            out.prompts.append(Prompt(ex.id, row, ex.messages))
+    for lineno, row, problem in jsonl_lines(path):  # the same input policy as `kdistill run`
+        where = f"{path}:{lineno}"
+        if problem is not None:
+            out.bad_lines.append(f"{where}: {problem}")
+            continue
+        try:  # a conversation ending on an assistant turn: that turn is answered anew
+            ex = parse_row(row, where, require_response=False)
+        except DataError as exc:
+            out.bad_lines.append(str(exc))
+            continue
+        if ex.id in seen:
+            out.duplicates += 1
+            continue
+        seen.add(ex.id)
+        out.prompts.append(Prompt(ex.id, row, ex.messages))
     return out
 
 
@@ -207,9 +222,10 @@ def _settings(cfg, teacher: str) -> dict:
 
 
 def _check_meta(out: Path, settings: dict, have_rows: bool) -> None:
+    """Resuming ``out`` with other settings is an error; an unreadable (torn) meta file is rewritten."""
     meta = _sidecar(out, ".meta.json")
-    if meta.is_file() and have_rows:
-        old = json.loads(meta.read_text())
+    old = read_json(meta) if meta.is_file() and have_rows else None
+    if isinstance(old, dict):
         diff = [k for k in settings if old.get(k) != settings[k]]
         if diff:
             k = diff[0]

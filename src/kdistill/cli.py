@@ -75,6 +75,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KDistillError as exc:
         print(f"kdistill: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the filesystem (full disk, a folder made read-only): one line, what was saved stays
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"kdistill: error: {where}{exc.strerror or exc} (what was saved before is kept; rerun the same "
+              "command once this is fixed)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("kdistill: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130

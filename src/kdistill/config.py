@@ -102,6 +102,65 @@ Config = RunConfig  # the type to annotate with; instances come from schema()
 # loading
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML where a key given twice in one mapping is an error, not "the last one wins"."""
+
+
+def _mapping(loader: _StrictLoader, node, deep: bool = False):
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"{{where}}:{key_node.start_mark.line + 1}: key {key!r} is given twice in one mapping "
+                              f"(first at line {seen[key]}); keep one")
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+def _self_reference(value, path: str = "", stack: Optional[set] = None) -> Optional[str]:
+    """The key path where a YAML anchor contains itself (``a: &x [*x]``), or None."""
+    stack = stack or set()
+    if isinstance(value, (dict, list)):
+        if id(value) in stack:
+            return path or "(top level)"
+        stack = stack | {id(value)}
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for k, v in items:
+            found = _self_reference(v, f"{path}.{k}" if path else str(k), stack)
+            if found:
+                return found
+    return None
+
+
+def read_yaml(path: Path):
+    """A YAML file as Python values; every problem is one ConfigError line naming the file (and line).
+
+    A UTF-8 byte-order mark is dropped; invalid UTF-8, a key given twice and an anchor that contains
+    itself are errors.
+    """
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte {raw[exc.start]:#04x}); save the file as UTF-8") from None
+    try:
+        loaded = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("{where}", str(path))) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    loop = _self_reference(loaded)
+    if loop is not None:
+        raise ConfigError(f"{path}: {loop}: a YAML anchor refers to itself (a loop); write the value out")
+    return loaded
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key.path=value")
@@ -192,12 +251,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        loaded = read_yaml(p)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

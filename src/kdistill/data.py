@@ -107,19 +107,58 @@ def parse_row(row: Any, where: str, require_response: bool = True) -> Example:
     return ex
 
 
-def read_jsonl(path: str | Path) -> Iterable[tuple[int, Any]]:
-    """Yield ``(line_number, decoded_object)``; a bad line raises DataError naming file and line."""
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
+
+
+def jsonl_lines(path: str | Path) -> Iterable[tuple[int, Any, Optional[str]]]:
+    """The one input policy for JSONL files: ``(line number, decoded object or None, problem or None)``.
+
+    A UTF-8 byte-order mark is dropped; a line that is not valid UTF-8, not valid JSON, or holds a
+    lone surrogate (``"\\ud800"``: text no tokenizer can encode) is a problem named with its line.
+    Blank lines are skipped.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if not raw.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield lineno, None, f"not valid UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1})"
+                continue
+            try:
+                obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                yield lineno, None, f"not valid JSON ({exc.msg})"
+                continue
+            if _has_lone_surrogate(obj):
+                yield lineno, None, "a string holds a lone surrogate (an unpaired \\ud800-\\udfff escape)"
+                continue
+            yield lineno, obj, None
+
+
+def read_jsonl(path: str | Path) -> Iterable[tuple[int, Any]]:
+    """Yield ``(line_number, decoded_object)``; a bad line raises DataError naming file and line."""
+    for lineno, obj, problem in jsonl_lines(path):
+        if problem is not None:
+            raise DataError(f"{path}:{lineno}: {problem}")
+        yield lineno, obj
 
 
 def load_examples(path: str | Path, require_response: bool = True) -> list[Example]:

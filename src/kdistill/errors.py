@@ -20,3 +20,7 @@ class DataError(KDistillError):
 
 class ModelError(KDistillError):
     """A model cannot be loaded, or teacher and student are incompatible."""
+
+
+class TrainingError(KDistillError):
+    """Training cannot go on (a non-finite loss, a checkpoint that cannot be written); what was saved is kept."""

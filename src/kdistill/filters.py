@@ -1,6 +1,6 @@
 """Filters for teacher-written rows, applied before sequence-level training.
 
-Configured by the ``filters:`` section (:class:`kdistill.config.FiltersConfig`). Rows go through
+Configured by the ``filters:`` section (:class:`FiltersConfig`). Rows go through
 the filters in this order and each dropped row is counted once, under the first filter it fails:
 
 ==============  ==============================================================================
@@ -29,14 +29,54 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
+
+from pydantic import Field, field_validator
 
 from kdistill.data import Example
 from kdistill.evaluate import matches
 from kdistill.scoring import parse_score
+from kdistill.section import Section
 from kdistill.store import JsonlStore
 
 log = logging.getLogger("kdistill")
+
+class JudgeConfig(Section):
+    """LLM-as-judge filter: the teacher rates each (prompt, response); rows below threshold are dropped."""
+
+    threshold: float = Field(7.0, description="keep rows scored at or above this (scale 1-10)")
+    prompt: Optional[str] = Field(None, description="judge prompt with {prompt} and {response}; must ask for 'Score: N'")
+    max_new_tokens: int = Field(32, ge=1)
+
+
+class FiltersConfig(Section):
+    """Filters applied to teacher-written rows before sequence-level training (each counted in the report)."""
+
+    enabled: bool = True
+    empty: bool = Field(True, description="drop empty responses")
+    truncated: bool = Field(True, description="drop responses cut off by max tokens (finish_reason: length)")
+    duplicate: bool = Field(True, description="drop repeated (prompt, response) pairs")
+    min_chars: Optional[int] = Field(None, ge=0)
+    max_chars: Optional[int] = Field(None, ge=1)
+    refusal: bool = Field(True, description="drop responses matching refusal_patterns")
+    refusal_patterns: Optional[list[str]] = Field(None, description="regexes (case-insensitive); none = built-in list")
+    format_regex: Optional[str] = Field(None, description="keep only responses matching this regex (re.search)")
+    format_json: bool = Field(False, description="keep only responses that parse as JSON")
+    reference: Optional[Literal["contains", "exact"]] = Field(
+        None, description="drop rows whose answer disagrees with the row's 'reference' (rows without one are kept)"
+    )
+    judge: Optional[JudgeConfig] = None
+
+    @field_validator("format_regex")
+    @classmethod
+    def _check_regex(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"not a valid regex ({exc})") from None
+        return v
+
 
 DEFAULT_REFUSAL_PATTERNS = [
     r"\bas an ai(?: language)? model\b",

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
 from kdistill.evaluate import HIGHER_IS_BETTER, retention
+from kdistill.store import atomic_write
 
 METRIC_ORDER = ("accuracy", "perplexity", "kl_to_teacher", "top1_agreement")
 
@@ -93,12 +95,24 @@ def headline(rep: dict) -> str:
     return ""
 
 
+def strict(value):
+    """``value`` with every non-finite float (NaN, ±inf) replaced by None: report.json is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    return value
+
+
 def write_report(rep: dict, out: Path) -> None:
-    """``report.json``, ``report.md`` and the plots (their names added to ``report.json``)."""
-    (out / "report.json").write_text(json.dumps(rep, indent=2))
-    write_markdown(rep, out / "report.md")
+    """``report.json``, ``report.md`` and the plots (their names added to ``report.json``), written
+    atomically; ``report.json`` is strict JSON (a non-finite number is written as null)."""
+    atomic_write(out / "report.json", json.dumps(strict(rep), indent=2, allow_nan=False))
+    atomic_write(out / "report.md", markdown(rep))
     rep["plots"] = plot(rep, out / "metrics.jsonl", out)
-    (out / "report.json").write_text(json.dumps(rep, indent=2))
+    atomic_write(out / "report.json", json.dumps(strict(rep), indent=2, allow_nan=False))
 
 
 def metrics_table(report: dict) -> list[list[str]]:
@@ -120,6 +134,11 @@ def metrics_table(report: dict) -> list[list[str]]:
 
 
 def write_markdown(report: dict, path: Path) -> None:
+    atomic_write(path, markdown(report))
+
+
+def markdown(report: dict) -> str:
+    """``report.md``: the headline, the metrics table, per-task figures, costs, the method, samples."""
     t, s = report["teacher"], report["student"]
     lines = [f"# kdistill report: {report.get('method', '')}", ""]
     head = report.get("headline")
@@ -180,7 +199,7 @@ def write_markdown(report: dict, path: Path) -> None:
                 if smp.get(k) is not None:
                     lines.append(f"  - {k}: {smp[k]!r}")
         lines.append("")
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 def plot(report: dict, metrics_path: Optional[Path], out_dir: Path) -> list[str]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -26,19 +28,22 @@ from accelerate import Accelerator
 from kdistill.config import check_paths, dump_config
 from kdistill.console import quiet
 from kdistill.curriculum import describe, difficulty
-from kdistill.data import Example, Renderer, collate, encode_examples, load_examples, mix_tasks, split_examples, tag_task, task_of
+from kdistill.data import Example, Renderer, collate, encode_examples
+from kdistill.splits import read_rows
 from kdistill.errors import ConfigError, DataError
-from kdistill.evaluate import BestKeeper, heldout_figures, measure_speed
+from kdistill.evaluate import BestKeeper, eval_fingerprint, heldout_figures, measure_speed
 from kdistill.methods import build_method, method_class, method_names
 from kdistill.methods.base import RunContext
 from kdistill.models import StudentLM, check_vocab, count_params, output_vocab_size, tokenizer_fingerprint
 from kdistill.report import build_report, model_card, write_report
 from kdistill.stages import StageRunner
-from kdistill.store import memo_json
+from kdistill.runfolder import LEGACY, LOCK
+from kdistill.runfolder import prepare as prepare_run_folder
+from kdistill.store import check_own_folder, claim_folder, exclusive, memo_json
 from kdistill.students import build_student, display_name
 from kdistill.teachers import BuildEnv, HeldOut, build_teacher, load_teacher_weights, primary_teacher, teacher_configs
 from kdistill.teachers.build import uses_model
-from kdistill.trainer import _latest_checkpoint, train
+from kdistill.trainer import latest_checkpoint, train
 
 log = logging.getLogger("kdistill")
 
@@ -46,29 +51,29 @@ log = logging.getLogger("kdistill")
 def run(cfg, say: Callable[[str], None] = log.info, progress: bool = True) -> dict:
     """``kdistill run``: train a student and write everything into ``cfg.output_dir``."""
     r = Run(cfg, say, progress)
-    r.setup()
-    r.load_teacher_weights()
-    r.load_rows()
-    r.load_student()
-    r.build_teacher()
-    r.build_method()
-    r.baseline()
-    r.fit()
-    r.final()
-    return r.report_and_save()
+    with r.setup():  # the output folder is this run's while the block runs
+        r.load_teacher_weights()
+        r.load_rows()
+        r.load_student()
+        r.build_teacher()
+        r.build_method()
+        r.baseline()
+        r.fit()
+        r.final()
+        return r.report_and_save()
 
 
 def evaluate(cfg, say: Callable[[str], None] = log.info) -> dict:
     """``kdistill eval``: the same report for an existing teacher and student, without training."""
     r = Run(cfg, say, progress=False, training=False)
-    r.setup()
-    r.load_teacher_weights()
-    r.load_rows()
-    r.load_student()
-    r.build_teacher()
-    r.baseline()
-    r.final()
-    return r.report_and_save()
+    with r.setup():
+        r.load_teacher_weights()
+        r.load_rows()
+        r.load_student()
+        r.build_teacher()
+        r.baseline()
+        r.final()
+        return r.report_and_save()
 
 
 class Run:
@@ -99,22 +104,29 @@ class Run:
 
     # -- phase 1: setup ----------------------------------------------------------------------
 
-    def setup(self) -> None:
-        """Check files, read the rows (unless the method writes them), then the output folder and
-        the accelerator (``config.yaml`` is written only once the config and data are known good)."""
+    def setup(self) -> contextlib.ExitStack:
+        """Check files and read the rows (unless the method writes them) before anything is written;
+        then the accelerator, and the output folder: checked to be kdistill's, locked for this run, and
+        tied to this config (:mod:`kdistill.runfolder`). Returns what releases the lock."""
         cfg = self.cfg
         rows_later = self.method_cls.rows_after_teacher(cfg)
         check_paths(cfg, need_train=self.training and not rows_later)
         if not rows_later:
             self.rows = self.method_cls.training_rows(self)
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.training:
-            (self.out / "config.yaml").write_text(dump_config(cfg))
+        check_own_folder(self.out, "output_dir", "run folder", LEGACY)
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         self.acc = Accelerator(mixed_precision=cfg.train.mixed_precision) if self.training else _SingleProcess()
         check_launch(self.acc.num_processes)
         self.device = self.acc.device
+        stack = contextlib.ExitStack()
+        if self.acc.is_main_process:
+            claim_folder(self.out, "run")
+            stack.enter_context(exclusive(self.out / LOCK, f"the run in {self.out}", "output_dir"))
+            if self.training:
+                self.identity = prepare_run_folder(cfg, self.out, dump_config, self.say)
+        self.acc.wait_for_everyone()
+        return stack
 
     def read_rows(self, require_train: Optional[bool] = None, require_response: Optional[bool] = None,
                   train_path: Optional[str] = None) -> tuple[list[Example], list[Example]]:
@@ -124,38 +136,11 @@ class Run:
         ``data.tasks``: every task's rows (ids ``task/ID``, ``extra["task"]``), held out per task,
         the training rows mixed by the tasks' weights. ``train_path`` replaces ``data.train``.
         """
-        cfg = self.cfg
-        require_train = self.training if require_train is None else require_train
-        require_response = self.method_cls.needs_responses if require_response is None else require_response
-        if cfg.data.tasks is not None:
-            train, held = [], []
-            for t in cfg.data.tasks:
-                rows = tag_task(load_examples(t.train, require_response=require_response), t.name)
-                if t.eval is not None:
-                    h = tag_task(load_examples(t.eval, require_response=require_response), t.name)
-                else:
-                    rows, h = split_examples(rows, cfg.data.eval_fraction, cfg.train.seed)
-                train += rows
-                held += h[: cfg.data.max_eval_rows]
-            stats = {t.name: {"rows": sum(task_of(e) == t.name for e in train)} for t in cfg.data.tasks}
-            if all(t.weight is not None for t in cfg.data.tasks):
-                train, stats = mix_tasks(train, {t.name: t.weight for t in cfg.data.tasks}, cfg.train.seed)
-            self.mixture = stats
-            return train, held
-        train: list[Example] = []
-        train_path = train_path or cfg.data.train
-        if train_path is not None:
-            train = load_examples(train_path, require_response=require_response)
-        elif require_train:
-            raise ConfigError("data.train: required key is missing (a JSONL file of prompt/response rows, e.g. "
-                              "teacher-written rows from `kdistill generate`, or a generate: section)")
-        if cfg.data.eval is not None:
-            held = load_examples(cfg.data.eval, require_response=require_response)
-        elif train:
-            train, held = split_examples(train, cfg.data.eval_fraction, cfg.train.seed)
-        else:
-            raise ConfigError("data.eval: required key is missing (or give data.train to hold out a split)")
-        return train, held[: cfg.data.max_eval_rows]
+        rows = read_rows(self.cfg, self.training if require_train is None else require_train,
+                         self.method_cls.needs_responses if require_response is None else require_response,
+                         train_path, self.say)
+        self.mixture = rows.mixture
+        return rows.train, rows.held
 
     # -- phase 2: models ---------------------------------------------------------------------
 
@@ -264,10 +249,17 @@ class Run:
     def baseline(self) -> None:
         self.say(f"evaluating the teacher and the initial student on {len(self.eval_rows)} held-out rows"
                  if self.training else f"evaluating teacher and student on {len(self.eval_rows)} held-out rows")
+        cfg = self.cfg
+        # the figures are kept for a rerun, keyed by what they depend on: rows, eval settings, the model
+        fp = eval_fingerprint(cfg, self.eval_rows)
+        t_key = f"{fp}:{_digest([t.model_dump(mode='json') for t in teacher_configs(cfg)])}"
+        s_key = f"{fp}:{_digest(cfg.student.model_dump(mode='json'))}"
         keep = self.out / "eval_teacher.json" if self.training and self.t_model is not None else None
-        self.teacher_ev = memo_json(keep, self._teacher_figures)
-        self.initial_ev = (memo_json(self.out / "eval_student_initial.json", lambda: self._student_figures(self.student))
-                           if self.training else None)
+        self.teacher_ev = memo_json(keep, lambda: {**self._teacher_figures(), "key": t_key},
+                                    valid=lambda v: v.get("key") == t_key)
+        self.initial_ev = (memo_json(self.out / "eval_student_initial.json",
+                                     lambda: {**self._student_figures(self.student), "key": s_key},
+                                     valid=lambda v: v.get("key") == s_key) if self.training else None)
 
     # -- phase 4: fit ------------------------------------------------------------------------
 
@@ -298,7 +290,7 @@ class Run:
         keeper = None
         if cfg.eval.every:
             keeper = BestKeeper(cfg.eval.select_best, lambda s: self._student_figures(s)["metrics"], self.out, self.say,
-                                fresh=_latest_checkpoint(self.out / "checkpoints") is None)
+                                fresh=latest_checkpoint(self.out / "checkpoints") is None)
         result = train(wrapper, self.method, self.feats, lambda b: collate(b, self.tokenizer.pad_token_id), cfg.train,
                        self.out, accelerator=acc, progress=self.progress, curriculum=curriculum,
                        evaluator=(cfg.eval.every, keeper) if keeper is not None else None)
@@ -383,6 +375,10 @@ class Run:
         return rep
 
 
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 class _SingleProcess:
     """``kdistill eval`` runs in one process without an accelerator: the same few attributes."""
 
@@ -393,6 +389,9 @@ class _SingleProcess:
 
     def main_process_first(self):
         return contextlib.nullcontext()
+
+    def wait_for_everyone(self) -> None:
+        """One process: nothing to wait for."""
 
 
 def check_launch(num_processes: int) -> None:

@@ -10,21 +10,18 @@ source of the run-level defaults.
 from __future__ import annotations
 
 import difflib
-import re
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from kdistill.answers import GenerateConfig
+from kdistill.filters import FiltersConfig, JudgeConfig  # noqa: F401  (re-exported)
 from kdistill.losses.divergences import registered as divergence_names
+from kdistill.section import Section
+from kdistill.topk_cache import CacheConfig
 
 LAYER_SELECTIONS = ("uniform", "first", "last", "first_last", "importance")
 ENGINE_DESCRIPTION = "how the student's samples are generated: transformers (generate, KV cache) or vllm (see vllm:)"
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class TeacherApiConfig(Section):
@@ -247,6 +244,10 @@ class TrainConfig(Section):
     save_every: int = Field(50, ge=1, description="checkpoint every N optimizer steps")
     save_total_limit: int = Field(2, ge=1)
     num_threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    resume: Literal["auto", "accept_changes"] = Field(
+        "auto", description="auto: a rerun resumes only a run made with the same training settings and data (else it "
+        "is refused, naming the changed keys); accept_changes: continue the run with the changed settings"
+    )
 
     @model_validator(mode="after")
     def _length(self) -> "TrainConfig":
@@ -296,69 +297,6 @@ class EvalConfig(Section):
         return self
 
 
-class GenerateConfig(Section):
-    """``kdistill generate``: the teacher answers prompts -> an append-only, resumable JSONL."""
-
-    prompts: Optional[str] = Field(None, description="JSONL of {id?, prompt} or {id?, messages}; in `run`: default data.train")
-    output: Optional[str] = Field(None, description="output JSONL (default: OUTPUT_DIR/teacher.jsonl)")
-    samples_per_prompt: int = Field(1, ge=1)
-    temperature: float = Field(0.7, ge=0.0)
-    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(512, ge=1)
-    style: Literal["plain", "explain", "rationale"] = Field(
-        "plain", description="explain: Orca-style step-by-step system message; rationale: rationale + final answer, stored apart"
-    )
-    system_prompt: Optional[str] = Field(None, description="replaces the style's system message")
-    batch_size: int = Field(8, ge=1, description="prompts per batch for a local teacher")
-    seed: int = 0
-
-
-class JudgeConfig(Section):
-    """LLM-as-judge filter: the teacher rates each (prompt, response); rows below threshold are dropped."""
-
-    threshold: float = Field(7.0, description="keep rows scored at or above this (scale 1-10)")
-    prompt: Optional[str] = Field(None, description="judge prompt with {prompt} and {response}; must ask for 'Score: N'")
-    max_new_tokens: int = Field(32, ge=1)
-
-
-class FiltersConfig(Section):
-    """Filters applied to teacher-written rows before sequence-level training (each counted in the report)."""
-
-    enabled: bool = True
-    empty: bool = Field(True, description="drop empty responses")
-    truncated: bool = Field(True, description="drop responses cut off by max tokens (finish_reason: length)")
-    duplicate: bool = Field(True, description="drop repeated (prompt, response) pairs")
-    min_chars: Optional[int] = Field(None, ge=0)
-    max_chars: Optional[int] = Field(None, ge=1)
-    refusal: bool = Field(True, description="drop responses matching refusal_patterns")
-    refusal_patterns: Optional[list[str]] = Field(None, description="regexes (case-insensitive); none = built-in list")
-    format_regex: Optional[str] = Field(None, description="keep only responses matching this regex (re.search)")
-    format_json: bool = Field(False, description="keep only responses that parse as JSON")
-    reference: Optional[Literal["contains", "exact"]] = Field(
-        None, description="drop rows whose answer disagrees with the row's 'reference' (rows without one are kept)"
-    )
-    judge: Optional[JudgeConfig] = None
-
-    @field_validator("format_regex")
-    @classmethod
-    def _check_regex(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None:
-            try:
-                re.compile(v)
-            except re.error as exc:
-                raise ValueError(f"not a valid regex ({exc})") from None
-        return v
-
-
-class CacheConfig(Section):
-    """``kdistill cache-teacher``: the teacher's top-k log-probs on data.train -> sharded, resumable files."""
-
-    path: Optional[str] = Field(None, description="cache folder (default: teacher.cache)")
-    top_k: int = Field(64, ge=1, le=4096, description="tokens kept per position (the rest is one tail bucket)")
-    shard_size: int = Field(256, ge=1, description="rows per shard (the unit of resumption)")
-    batch_size: int = Field(8, ge=1, description="rows per teacher forward pass")
-
-
 # --- on-policy, self- and preference distillation (issue 6) ---------------------------------
 
 
@@ -387,7 +325,7 @@ class VllmConfig(Section):
 class RunConfig(Section):
     """The run-level part of a config; :func:`kdistill.config.schema` adds the methods' sections."""
 
-    output_dir: str
+    output_dir: str = Field(..., min_length=1, description="where everything of this run goes (a folder kdistill owns)")
     method: str = "logit"
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     teachers: Optional[list[TeacherConfig]] = Field(
@@ -404,6 +342,13 @@ class RunConfig(Section):
     generate: Optional[GenerateConfig] = None
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
     vllm: VllmConfig = Field(default_factory=VllmConfig)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _real_folder(cls, v: str) -> str:
+        if not v.strip() or v.strip() in (".", "./"):
+            raise ValueError("give a folder of its own for the run (not empty, not the current folder)")
+        return v
 
     @model_validator(mode="after")
     def _teachers(self) -> "RunConfig":

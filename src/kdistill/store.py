@@ -31,22 +31,57 @@ def exclusive(lock_path: Path, what: str, key: str):
     """Hold an exclusive lock on ``lock_path`` while the block runs (one writer per output).
 
     The lock is an ``flock`` on the file: the operating system releases it when the process ends,
-    however it ends (``kill -9`` included), so a stale lock never blocks a rerun. A second writer
-    gets a :class:`~kdistill.errors.ConfigError` naming ``key`` and ``what`` is being written.
+    however it ends (``kill -9`` included), so a stale lock never blocks a rerun. The holder writes
+    its process id into the file; a second writer gets a :class:`~kdistill.errors.ConfigError`
+    naming ``key``, what is being written and the process that holds it.
     """
     import fcntl
 
     lock_path = Path(lock_path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT, 0o644)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise ConfigError(f"{key}: another kdistill process is writing {what}; wait for it or stop it") from None
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise ConfigError(f"{key}: another kdistill process{who} is writing {what}; wait for it or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
         os.close(fd)
+
+
+MARK = ".kdistill"  # in a folder kdistill writes into: it is kdistill's (a run's output, a cache)
+LOCK_FILE = ".kdistill.lock"  # the lock of the one process writing a folder (see exclusive)
+
+
+def check_own_folder(path: Path, key: str, what: str, also_ours: tuple = ()) -> None:
+    """Refuse to write into ``path`` unless it is new, empty, or already kdistill's.
+
+    A folder is kdistill's when it holds :data:`MARK` (or one of ``also_ours``: the files older
+    versions left there). Nothing is created or changed here.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}: {path} is a file, not a folder")
+    foreign = path.is_dir() and any(f.name not in (MARK, LOCK_FILE) for f in path.iterdir())
+    if foreign and not any((path / m).exists() for m in (MARK, *also_ours)):
+        raise ConfigError(f"{key}: {path} is not empty and is not a kdistill {what}; give a new or empty folder "
+                          "(nothing in it was changed)")
+
+
+def claim_folder(path: Path, what: str) -> None:
+    """Create ``path`` (if needed) and mark it as kdistill's (see :func:`check_own_folder`)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not (path / MARK).exists():
+            atomic_write(path / MARK, json.dumps({"kdistill": what}) + "\n")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot write here ({exc.strerror or exc})") from None
 
 
 def _state():

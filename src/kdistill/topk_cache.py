@@ -56,17 +56,29 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
+from pydantic import Field
 
 from kdistill.data import IGNORE_INDEX
 from kdistill.errors import KDistillError
 from kdistill.models.vocab import tokenizer_fingerprint
-from kdistill.store import atomic_write
+from kdistill.section import Section
+from kdistill.store import LOCK_FILE as LOCK
+from kdistill.store import MARK, atomic_write
 
 FORMAT = "kdistill-topk-cache"
 VERSION = 1
 LOGPROB_SCALE = 256  # grid of log-probs below top-1: 1/256 nats (max rounding error 0.002 nats)
 _QMAX = 65535
 TEACHER_EVAL_FILE = "teacher_eval.json"  # beside the shards: the teacher's held-out figures (cache-teacher)
+
+
+class CacheConfig(Section):
+    """``kdistill cache-teacher``: the teacher's top-k log-probs on data.train -> sharded, resumable files."""
+
+    path: Optional[str] = Field(None, description="cache folder (default: teacher.cache)")
+    top_k: int = Field(64, ge=1, le=4096, description="tokens kept per position (the rest is one tail bucket)")
+    shard_size: int = Field(256, ge=1, description="rows per shard (the unit of resumption)")
+    batch_size: int = Field(8, ge=1, description="rows per teacher forward pass")
 
 
 class CacheError(KDistillError):
@@ -346,7 +358,7 @@ def open_for_writing(path: Path, meta: dict, say) -> tuple[dict, set[str]]:
     path.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(path)
     if manifest is None:
-        if any(path.iterdir()):
+        if any(f.name not in (MARK, LOCK) for f in path.iterdir()):
             raise CacheError(f"cache.path: {path} is not empty and is not a kdistill teacher cache (no manifest.json); "
                              "give a new or empty folder (nothing in it was changed)")
         manifest = {**meta, "shards": [], "next_shard": 0}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import shutil
 import time
@@ -26,6 +27,10 @@ import torch
 from torch import nn
 
 from kdistill.curriculum import schedule
+from kdistill.errors import TrainingError
+from kdistill.store import append_jsonl, atomic_write, dumps_jsonl, read_json, read_jsonl_rows
+
+log = logging.getLogger("kdistill")
 
 
 @dataclass
@@ -45,9 +50,20 @@ def _epoch_batches(n_rows: int, batch_size: int, seed: int, epoch: int) -> list[
     return [order[i : i + batch_size] for i in range(0, n_rows, batch_size)]
 
 
-def _latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
-    done = [p for p in ckpt_root.glob("step-*") if (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+def checkpoints(ckpt_root: Path) -> list[tuple[Path, dict]]:
+    """Finished checkpoints, newest first, with their ``trainer_state.json`` (one that cannot be read,
+    e.g. torn by a full disk, is skipped: the one before it is used)."""
+    found = []
+    for p in Path(ckpt_root).glob("step-*"):
+        state = read_json(p / "trainer_state.json")
+        if isinstance(state, dict) and all(k in state for k in ("step", "cursor", "tokens")):
+            found.append((p, state))
+    return sorted(found, key=lambda ps: -int(ps[1]["step"]))
+
+
+def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
+    found = checkpoints(ckpt_root)
+    return found[0][0] if found else None
 
 
 def _move(batch: dict, device) -> dict:
@@ -108,18 +124,20 @@ def train(
     # ---- resume -------------------------------------------------------------------------------
     ckpt_root = output_dir / "checkpoints"
     metrics_path = output_dir / "metrics.jsonl"
-    step, cursor, tokens_seen, resumed_from = 0, 0, 0, None
-    latest = _latest_checkpoint(ckpt_root)
-    if latest is not None:
-        acc.load_state(str(latest))
-        state = json.loads((latest / "trainer_state.json").read_text())
+    step, cursor, tokens_seen, resumed_from, seconds_before = 0, 0, 0, None, 0.0
+    for ckpt, state in checkpoints(ckpt_root):  # the newest one that loads
+        try:
+            acc.load_state(str(ckpt))
+        except Exception as exc:  # noqa: BLE001 - a torn checkpoint: fall back to the one before it
+            log.warning("checkpoint %s cannot be loaded (%s: %s); trying the one before it", ckpt.name,
+                        type(exc).__name__, str(exc).splitlines()[0][:120] if str(exc) else "")
+            continue
         step, cursor, tokens_seen = state["step"], state["cursor"], state["tokens"]
-        resumed_from = step
-        if acc.is_main_process and metrics_path.exists():  # drop rows logged after that checkpoint
-            rows = [l for l in metrics_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-            metrics_path.write_text("".join(r + "\n" for r in rows))
-    elif acc.is_main_process and metrics_path.exists():
-        metrics_path.unlink()
+        resumed_from, seconds_before = step, float(state.get("seconds", 0.0))
+        break
+    if acc.is_main_process and metrics_path.exists():  # drop rows logged after that checkpoint (all of them: fresh)
+        rows = read_jsonl_rows(metrics_path, key="step", repair=False)[0]
+        atomic_write(metrics_path, dumps_jsonl(r for k, r in sorted(rows.items()) if k <= step))
 
     pick = None
     if curriculum is not None:
@@ -152,6 +170,7 @@ def train(
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
 
     t0 = time.time()
+    seconds = seconds_before  # a rerun of a finished run adds no time
     stopped_early = False
     model.train()
     while step < total_steps:
@@ -177,9 +196,16 @@ def train(
             step_loss += loss.detach()
             for k, v in info.items():
                 extra[k] = extra.get(k, 0.0) + float(v) / len(group)
-        grad_norm = None
-        if tcfg.max_grad_norm is not None:
-            grad_norm = acc.clip_grad_norm_(params, tcfg.max_grad_norm)
+        # clip (max_grad_norm), or just measure (inf): either way the norm shows a non-finite gradient
+        grad_norm = acc.clip_grad_norm_(params, tcfg.max_grad_norm if tcfg.max_grad_norm is not None else math.inf)
+        loss_value = float(acc.reduce(step_loss, reduction="sum")) if world > 1 else float(step_loss)
+        if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+            optimizer.zero_grad(set_to_none=True)  # nothing of this step reaches the weights
+            last = latest_checkpoint(ckpt_root)
+            raise TrainingError(
+                f"training stopped at step {step + 1}: the loss is {loss_value:g} and the gradient norm "
+                f"{float(grad_norm):g}; no update was applied and no student saved (last good checkpoint: "
+                f"{last.name if last else 'none'}); lower train.learning_rate or check loss.temperature and the data")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -193,35 +219,38 @@ def train(
             model.eval()
             scores = evaluator[1](step, acc.unwrap_model(model)) or {}
             model.train()
-        loss_value = float(acc.reduce(step_loss, reduction="sum")) if world > 1 else float(step_loss)
         if acc.is_main_process and (step % tcfg.log_every == 0 or step == total_steps or scores):
             row = {
                 "step": step,
                 "loss": round(loss_value, 6),
                 "learning_rate": scheduler.get_last_lr()[0],
-                "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
+                "grad_norm": round(float(grad_norm), 4),
                 "items": int(n_global),
                 "elapsed_s": round(time.time() - t0, 2),
                 **{k: round(v, 6) for k, v in extra.items()},
                 **{f"eval_{k}": v for k, v in scores.items()},
             }
-            with metrics_path.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            try:
+                append_jsonl(metrics_path, [row])
+            except OSError as exc:
+                raise TrainingError(f"cannot write {metrics_path} ({exc.strerror or exc}); the checkpoints saved "
+                                    "before are intact: rerun the same command once it can be written") from None
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
 
         # 4. checkpoint (and stop on the wall-clock budget)
+        seconds = seconds_before + time.time() - t0  # training time of the whole run, resumes added up
         out_of_time = tcfg.max_minutes is not None and (time.time() - t0) / 60 >= tcfg.max_minutes
         if step % tcfg.save_every == 0 or out_of_time or step == total_steps:
-            _save_checkpoint(acc, ckpt_root, step, cursor, tokens_seen, tcfg.save_total_limit)
+            _save_checkpoint(acc, ckpt_root, step, cursor, tokens_seen, tcfg.save_total_limit, seconds)
         if out_of_time and step < total_steps:
             stopped_early = True
             break
     if bar is not None:
         bar.close()
     model.eval()
-    return TrainResult(step, resumed_from, time.time() - t0, tokens_seen, stopped_early)
+    return TrainResult(step, resumed_from, seconds, tokens_seen, stopped_early)
 
 
 class _nullcontext:
@@ -232,22 +261,31 @@ class _nullcontext:
         return False
 
 
-def _save_checkpoint(acc, root: Path, step: int, cursor: int, tokens: int, keep: int) -> None:
-    """Write ``step-N`` atomically (tmp folder, then rename) and prune old checkpoints."""
+def _save_checkpoint(acc, root: Path, step: int, cursor: int, tokens: int, keep: int, seconds: float) -> None:
+    """Write ``step-N`` atomically (tmp folder, then rename) and prune old checkpoints.
+
+    A checkpoint that cannot be written (a full disk, a folder made read-only) stops training with
+    one line; its temp folder is removed and every checkpoint saved before stays as it was.
+    """
     final = root / f"step-{step}"
     if final.exists():
         return
     tmp = root / f".tmp-step-{step}"
-    if acc.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp))
+    try:
+        if acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            atomic_write(tmp / "trainer_state.json",
+                         json.dumps({"step": step, "cursor": cursor, "tokens": tokens, "seconds": round(seconds, 2)}))
+            tmp.rename(final)
+    except (OSError, RuntimeError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise TrainingError(f"cannot write the checkpoint {final} ({reason}); the checkpoints saved before are "
+                            "intact: free space (or make the folder writable) and rerun the same command") from None
     if acc.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "cursor": cursor, "tokens": tokens}))
-        tmp.rename(final)
-        done = sorted(
-            (p for p in root.glob("step-*") if (p / "trainer_state.json").is_file()), key=lambda p: int(p.name.split("-")[1])
-        )
-        for old in done[:-keep]:
+        for old, _ in checkpoints(root)[keep:]:
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()

@@ -25,11 +25,11 @@ from kdistill.data import Renderer, collate, encode_examples
 from kdistill.errors import ConfigError, KDistillError
 from kdistill.evaluate import eval_fingerprint, heldout_figures
 from kdistill.models import count_params, load_model, load_tokenizer, output_vocab_size, tokenizer_fingerprint
-from kdistill.run import Run
-from kdistill.store import atomic_write, read_json
+from kdistill.splits import read_rows
+from kdistill.store import atomic_write, check_own_folder, exclusive, read_json
 from kdistill.teachers import HeldOut, LocalTeacher, ServedTeacher
 from kdistill.teachers.text import answered_figures
-from kdistill.topk_cache import (FORMAT, LOGPROB_SCALE, TEACHER_EVAL_FILE, VERSION, TopKCache, append_shard,
+from kdistill.topk_cache import (FORMAT, LOCK, LOGPROB_SCALE, TEACHER_EVAL_FILE, VERSION, TopKCache, append_shard,
                                  cached_positions, id_bytes, open_for_writing, token_hash)
 
 log = logging.getLogger("kdistill")
@@ -63,7 +63,7 @@ def cache_teacher(cfg, say: Callable[[str], None] = log.info, progress: bool = T
                           "student's tokenizer: give student.model")
     check_paths(cfg)
     path = Path(path_s)
-    rows = Run(cfg, say).read_rows(require_response=True)[0]  # every task's training rows, as `kdistill run` mixes them
+    rows = read_rows(cfg, require_response=True, say=say).train  # every task's rows, as `kdistill run` mixes them
 
     t0 = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -92,6 +92,14 @@ def cache_teacher(cfg, say: Callable[[str], None] = log.info, progress: bool = T
         "data": {"max_length": cfg.data.max_length, "system_prompt": cfg.data.system_prompt,
                  "chat_template": cfg.data.chat_template},
     }
+    check_own_folder(path, "cache.path", "teacher cache", also_ours=("manifest.json",))
+    with exclusive(path / LOCK, f"the cache {path}", "cache.path"):
+        return _fill(cfg, path, meta, teacher, tok, vocab, k, rows, device, served, say, progress)
+
+
+def _fill(cfg, path: Path, meta: dict, teacher, tok, vocab: int, k: int, rows, device, served: bool, say,
+          progress: bool) -> dict:
+    """Write every missing row's shard (resumable), then the teacher's held-out figures."""
     manifest, done = open_for_writing(path, meta, say)
     renderer = Renderer(tok, cfg.data.max_length, cfg.data.system_prompt, cfg.data.chat_template)
     feats, n_empty = encode_examples(renderer, rows)
@@ -141,7 +149,7 @@ def _teacher_eval(cfg, teacher, tok, vocab: int, path: Path, device, say) -> Opt
     """The teacher's held-out figures, stored beside the cache so that runs training from the cache
     alone can report retention (see :meth:`kdistill.teachers.cache.CachedTeacher.heldout`)."""
     try:
-        eval_rows = Run(cfg, say, training=False).read_rows(require_train=False)[1]
+        eval_rows = read_rows(cfg, require_train=False, say=say).held
     except KDistillError as exc:
         say(f"cache: no teacher figures stored ({exc})")
         return None

@@ -23,7 +23,9 @@ redacted), never in ``repr``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
+import json
 import logging
 import os
 import random
@@ -98,6 +100,18 @@ def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Opti
     return max(0.0, when.timestamp() - (now if now is not None else time.time()))
 
 
+def secret_forms(key: Optional[str]) -> list[str]:
+    """Every way an HTTP stack or a log line may print ``key``: raw, escaped (repr, JSON, bytes),
+    and base64 (basic auth ``user:key`` and the key alone). Longest first, for redaction."""
+    if not key:
+        return []
+    forms = {key, repr(key)[1:-1], json.dumps(key)[1:-1], key.encode("unicode_escape").decode("ascii", "replace"),
+             repr(key.encode("utf-8", "replace"))[2:-1], base64.b64encode(key.encode("utf-8", "replace")).decode()}
+    for user in ("", "user", "api"):
+        forms.add(base64.b64encode(f"{user}:{key}".encode("utf-8", "replace")).decode())
+    return sorted((f for f in forms if len(f) >= 4), key=len, reverse=True)
+
+
 class ApiTeacher:
     """Chat completions from an OpenAI-compatible endpoint.
 
@@ -116,7 +130,14 @@ class ApiTeacher:
                 raise ConfigError(
                     f"teacher.api.api_key_env: environment variable {cfg.api_key_env} is not set (it should hold the API key)"
                 )
+            bad = sorted({f"{ord(c):#04x}" for c in key if ord(c) < 0x20 or ord(c) == 0x7F})
+            if bad:  # an HTTP library would refuse the header and print it: never send it
+                raise ConfigError(
+                    f"teacher.api.api_key_env: the key in ${cfg.api_key_env} contains control characters ({', '.join(bad)}"
+                    "; a trailing \\r comes from a file saved with Windows line endings); set it without them"
+                )
             self._key = key
+        self._secrets = secret_forms(self._key)
         self.stats: Counter = Counter()
         self.errors: Counter = Counter()
         self._verified = False
@@ -128,8 +149,8 @@ class ApiTeacher:
     # -- helpers ---------------------------------------------------------------------------------
 
     def _redact(self, text: str) -> str:
-        if self._key:
-            text = text.replace(self._key, "***")
+        for form in self._secrets:
+            text = text.replace(form, "***")
         return text
 
     def _headers(self) -> dict:
@@ -188,6 +209,9 @@ class ApiTeacher:
             if not self._verified and isinstance(exc, httpx.ConnectTimeout):
                 raise ApiError(f"teacher.api: cannot reach {self.cfg.base_url} (connect timeout); is the server running?") from None
             raise _Retry(f"timeout after {self.cfg.timeout:g} s") from None
+        except httpx.LocalProtocolError as exc:  # the request itself cannot be sent: retrying will not help
+            raise ApiError(f"teacher.api: the request to {self.cfg.base_url} could not be sent "
+                           f"({type(exc).__name__}: {self._redact(str(exc))})") from None
         except httpx.TransportError as exc:
             if not self._verified:
                 raise ApiError(

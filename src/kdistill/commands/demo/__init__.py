@@ -24,7 +24,7 @@ from kdistill.evaluate import matches
 from kdistill.models import load_model
 from kdistill.run import run
 from kdistill.sampling import sample_texts
-from kdistill.store import atomic_write
+from kdistill.store import atomic_write, check_own_folder, claim_folder
 
 DEMO_ROWS = {"train": 400, "eval": 200}
 
@@ -46,10 +46,12 @@ def prepare_data(cfg, say, progress: bool = True) -> dict:
 
     Skipped when both files exist (a rerun reuses them).
     """
+    check_own_folder(Path(cfg.output_dir), "--output-dir", "run folder", ("config.yaml", "checkpoints"))
     train_path, eval_path = Path(cfg.data.train), Path(cfg.data.eval)
     stats_path = train_path.parent / "stats.json"
     if train_path.is_file() and eval_path.is_file() and stats_path.is_file():
         return json.loads(stats_path.read_text())
+    claim_folder(Path(cfg.output_dir), "run")  # the data goes inside the run's own folder
     train_path.parent.mkdir(parents=True, exist_ok=True)
     train_names, test_names = split_names(seed=0)
     rows = {"train": make_rows(DEMO_ROWS["train"], train_names, 1, "train"),
