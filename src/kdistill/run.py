@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import torch
 from accelerate import Accelerator
 
+from kdistill import trackers
 from kdistill.config import check_paths, dump_config
 from kdistill.console import quiet
 from kdistill.curriculum import describe, difficulty
@@ -33,12 +34,14 @@ from kdistill.methods import build_method, method_class, method_names
 from kdistill.methods.base import RunContext
 from kdistill.models import StudentLM, check_vocab, count_params, output_vocab_size, tokenizer_fingerprint
 from kdistill.report import build_report, model_card, write_report
+from kdistill.splits import split_by_group
 from kdistill.stages import StageRunner
 from kdistill.store import memo_json
 from kdistill.students import build_student, display_name
 from kdistill.teachers import BuildEnv, HeldOut, build_teacher, load_teacher_weights, primary_teacher, teacher_configs
 from kdistill.teachers.build import uses_model
-from kdistill.trainer import _latest_checkpoint, train
+from kdistill.trainer import InterruptGuard, _latest_checkpoint, train
+from kdistill.trust import TrustChecks
 
 log = logging.getLogger("kdistill")
 
@@ -112,9 +115,14 @@ class Run:
             (self.out / "config.yaml").write_text(dump_config(cfg))
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
-        self.acc = Accelerator(mixed_precision=cfg.train.mixed_precision) if self.training else _SingleProcess()
+        self.acc = (Accelerator(mixed_precision=cfg.train.mixed_precision,
+                                **trackers.accelerator_kwargs(cfg.train.report_to, self.out))
+                    if self.training else _SingleProcess())
         check_launch(self.acc.num_processes)
         self.device = self.acc.device
+        self.trust = TrustChecks(self)
+        if self.training:
+            trackers.start(self.acc, cfg)
 
     def read_rows(self, require_train: Optional[bool] = None, require_response: Optional[bool] = None,
                   train_path: Optional[str] = None) -> tuple[list[Example], list[Example]]:
@@ -134,7 +142,7 @@ class Run:
                 if t.eval is not None:
                     h = tag_task(load_examples(t.eval, require_response=require_response), t.name)
                 else:
-                    rows, h = split_examples(rows, cfg.data.eval_fraction, cfg.train.seed)
+                    rows, h = self._split(rows, t.train)
                 train += rows
                 held += h[: cfg.data.max_eval_rows]
             stats = {t.name: {"rows": sum(task_of(e) == t.name for e in train)} for t in cfg.data.tasks}
@@ -150,12 +158,22 @@ class Run:
             raise ConfigError("data.train: required key is missing (a JSONL file of prompt/response rows, e.g. "
                               "teacher-written rows from `kdistill generate`, or a generate: section)")
         if cfg.data.eval is not None:
+            if cfg.data.holdout_by is not None:
+                raise ConfigError("data.holdout_by: splits held-out rows from data.train, but data.eval is set")
             held = load_examples(cfg.data.eval, require_response=require_response)
         elif train:
-            train, held = split_examples(train, cfg.data.eval_fraction, cfg.train.seed)
+            train, held = self._split(train, train_path)
+        elif cfg.eval.benchmarks is not None and not self.training:
+            return [], []  # kdistill eval on benchmarks alone
         else:
             raise ConfigError("data.eval: required key is missing (or give data.train to hold out a split)")
         return train, held[: cfg.data.max_eval_rows]
+
+    def _split(self, rows: list[Example], source: str) -> tuple[list[Example], list[Example]]:
+        d = self.cfg.data
+        if d.holdout_by is not None:  # whole groups held out (kdistill.splits)
+            return split_by_group(rows, d.holdout_by, d.eval_fraction, self.cfg.train.seed, source)
+        return split_examples(rows, d.eval_fraction, self.cfg.train.seed)
 
     # -- phase 2: models ---------------------------------------------------------------------
 
@@ -171,6 +189,7 @@ class Run:
         if self.rows is None:
             self.rows = self.method_cls.training_rows(self)
         self.train_rows, self.eval_rows = self.rows
+        self.trust.after_rows()
 
     def renderer_for(self, tok) -> Renderer:
         return Renderer(tok, self.cfg.data.max_length, self.cfg.data.system_prompt, self.cfg.data.chat_template)
@@ -241,7 +260,7 @@ class Run:
         rows = self.method.eval_rows(self.eval_rows) if self.method is not None else self.eval_rows
         live = self.t_model if self.same_vocab else None
         return heldout_figures(model, self.tokenizer, self.eval_renderer, rows, self.eval_feats, self.cfg.eval,
-                               self.vocab_size, teacher=live, device=self.device)
+                               self.vocab_size, teacher=live, device=self.device, judge=self.trust.answer_judge())
 
     def _teacher_figures(self) -> dict:
         if self.t_model is not None:
@@ -253,7 +272,7 @@ class Run:
                 feats, _ = encode_examples(renderer, self.eval_rows)
                 vocab = min(output_vocab_size(t_model), len(t_tok))
             return heldout_figures(t_model, t_tok, renderer, self.eval_rows, feats, self.cfg.eval, vocab,
-                                   is_teacher=True, device=self.device)
+                                   is_teacher=True, device=self.device, judge=self.trust.answer_judge())
         if self.teacher is None:
             return {"metrics": {}, "outputs": []}
         ho = HeldOut(self.cfg, self.eval_rows, self.eval_feats, self.out, self.tokenizer.pad_token_id, self.say,
@@ -268,6 +287,7 @@ class Run:
         self.teacher_ev = memo_json(keep, self._teacher_figures)
         self.initial_ev = (memo_json(self.out / "eval_student_initial.json", lambda: self._student_figures(self.student))
                            if self.training else None)
+        self.trust.baseline()
 
     # -- phase 4: fit ------------------------------------------------------------------------
 
@@ -299,16 +319,19 @@ class Run:
         if cfg.eval.every:
             keeper = BestKeeper(cfg.eval.select_best, lambda s: self._student_figures(s)["metrics"], self.out, self.say,
                                 fresh=_latest_checkpoint(self.out / "checkpoints") is None)
-        result = train(wrapper, self.method, self.feats, lambda b: collate(b, self.tokenizer.pad_token_id), cfg.train,
-                       self.out, accelerator=acc, progress=self.progress, curriculum=curriculum,
-                       evaluator=(cfg.eval.every, keeper) if keeper is not None else None)
+        with InterruptGuard() as guard:  # Ctrl-C: stop after this step, still report (and say so)
+            result = train(wrapper, self.method, self.feats, lambda b: collate(b, self.tokenizer.pad_token_id),
+                           cfg.train, self.out, accelerator=acc, progress=self.progress, curriculum=curriculum,
+                           evaluator=(cfg.eval.every, keeper) if keeper is not None else None, interrupt=guard,
+                           say=self.say)
         self.student = acc.unwrap_model(wrapper).model
         if result.resumed_from is not None:
             self.say(f"resumed from the checkpoint at step {result.resumed_from} of {result.steps}"
                      + (" (training was already complete)" if result.resumed_from == result.steps else ""))
         training = {"steps": result.steps, "seconds": round(result.seconds, 1), "train_rows": len(self.feats),
                     "items": result.tokens, "resumed_from": result.resumed_from, "stopped_early": result.stopped_early,
-                    "truncated_rows": self.truncated}
+                    "truncated_rows": self.truncated, "stopped_by": result.stopped_by,
+                    "planned_steps": result.planned_steps}
         if curriculum is not None:
             training["curriculum"] = describe(cfg.curriculum, curriculum[1], result.steps)
         if keeper is not None:
@@ -323,6 +346,7 @@ class Run:
             self.t_model.to(self.device)
         self.final_ev = self._student_figures(self.student)
         self.speed = self._speed() if self.acc.is_main_process else {}
+        self.trust.final()
 
     def _speed(self) -> dict:
         n = self.cfg.eval.speed_prompts
@@ -373,6 +397,7 @@ class Run:
             rep.update(self.method.report_extras())
         if self.mixture:
             rep["data_mixture"] = self.mixture
+        self.trust.report(rep)
         if self.acc.is_main_process:
             if self.training:
                 sdir = self.out / "student"
