@@ -93,6 +93,9 @@ def test_rerun_and_eval_reuse_finished_tasks(bench_run, monkeypatch):
                                 f"output_dir={root / 'out'}"], base=cfg.model_dump(mode="json"))
     ev = evaluate(ev_cfg, say=lambda m: None)
     assert calls == [] and ev["benchmarks"]["kd_mc"]["acc"]["student"] == rep["benchmarks"]["kd_mc"]["acc"]["student"]
+    alone = evaluate(load_config(None, ["data.train=null", "data.eval=null"], base=ev_cfg.model_dump(mode="json")),
+                     say=lambda m: None)  # kdistill eval on the benchmarks alone (no held-out rows)
+    assert calls == [] and alone["benchmarks"] == ev["benchmarks"] and "lm-eval benchmark task" in alone["headline"]
     # a changed task file is a new result, asked again
     gen = root / "tasks" / "gen.jsonl"
     gen.write_text(gen.read_text() + json.dumps({"question": "what is the first name alpha beta", "answer": "alpha"}) + "\n")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from kdistill.evaluate import HIGHER_IS_BETTER, retention
-from kdistill.trust_report import cost_cells, notes, plot_benchmarks, stop_note
+from kdistill.trust_report import benchmark_sentence, cost_cells, notes, plot_benchmarks, stop_note
 from kdistill.trust_report import markdown as trust_markdown
 
 METRIC_ORDER = ("accuracy", "perplexity", "kl_to_teacher", "top1_agreement")
@@ -83,7 +83,7 @@ def build_report(method: str, teacher: dict, student: dict, teacher_ev: dict, in
 def headline(rep: dict) -> str:
     """One plain sentence: how much of the teacher the student kept (the first line of report.md),
     followed by what qualifies it (training stopped early, contamination; see :mod:`kdistill.trust_report`)."""
-    return " ".join([x for x in [_headline(rep)] if x] + notes(rep))
+    return " ".join([x for x in [_headline(rep) or benchmark_sentence(rep)] if x] + notes(rep))
 
 
 def _headline(rep: dict) -> str:

@@ -48,6 +48,16 @@ def contamination_note(c: Optional[dict]) -> Optional[str]:
             f"{c['near_duplicate']} near-duplicate): held-out figures overstate generalisation.")
 
 
+def benchmark_sentence(rep: dict) -> str:
+    """A headline from the benchmarks alone (``kdistill eval`` with only ``eval.benchmarks``)."""
+    rets = [(t, r) for t, m in (rep.get("benchmarks") or {}).items() for r in [_primary(m)[1]] if r is not None]
+    if not rets:
+        return ""
+    low = min(rets, key=lambda x: x[1])
+    return (f"On {len(rets)} lm-eval benchmark task(s) the student keeps {sum(r for _, r in rets) / len(rets):.0%} of "
+            f"the teacher's score on average (lowest: {low[0]}, {low[1]:.0%}).")
+
+
 def notes(rep: dict) -> list[str]:
     return [n for n in (stop_note(rep.get("training")), contamination_note(rep.get("contamination"))) if n]
 
