@@ -251,3 +251,15 @@ def test_interrupt_stops_training_and_the_report_says_so(tiny, tmp_path, monkeyp
     assert "stopped by interrupt at step 2 of 5" in rep["headline"] and "rerun the same command" in rep["headline"]
     assert (tmp_path / "o" / "checkpoints" / "step-2").is_dir()
     assert signal.getsignal(signal.SIGINT) is before  # a second Ctrl-C interrupts as usual again
+
+
+def test_capability_table_groups_and_flags_under_the_floor():
+    from kdistill.trust_report import capability_table
+
+    rep = {"tasks": {"qa": {"retention": {"accuracy": 0.9}}, "math": {"retention": {"accuracy": 0.5}}},
+           "benchmarks": {"arc": {"acc": {"teacher": 0.5, "student": 0.45, "retention": 0.9}},
+                          "gsm": {"exact_match": {"teacher": 0.4, "student": 0.1, "retention": 0.25}}}}
+    cap = capability_table(rep, {"qa": "language", "arc": "reasoning", "gsm": "reasoning", "math": "reasoning"}, 0.8)
+    groups = {g["name"]: (g["retention"], g["below_floor"], g["tasks"]) for g in cap["groups"]}
+    assert groups == {"language": (0.9, False, ["qa"]), "reasoning": (0.55, True, ["math", "arc", "gsm"])}
+    assert cap["below_floor"] == ["reasoning", "math", "gsm"]

@@ -130,6 +130,7 @@ class TaskConfig(Section):
         None, gt=0.0, description="share of the training rows (normalized over tasks); none on every task = "
         "the tasks' natural sizes"
     )
+    group: Optional[str] = Field(None, description="capability group in the report (retention per group, floor)")
 
     @field_validator("name")
     @classmethod
