@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # A pinned torch: on CPU-only machines this resolves to a CPU wheel; a loose pin may pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-lm-eval clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ bench: setup
 	$(PY) benchmarks/cache.py
 	$(PY) benchmarks/served_teacher.py
 	$(PY) benchmarks/on_policy_engines.py
+
+bench-lm-eval: setup   # lm-eval on the demo teacher and its student (after `make demo`)
+	$(PY) benchmarks/lm_eval_demo.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     with_config("eval", "compare an existing teacher and student on held-out data (report only, no training)")
     with_config("cache-teacher", "white-box, offline: the teacher's top-k log-probs on data.train -> compact shards (resumable)")
     with_config("generate", "the teacher (API or local model) answers prompts -> JSONL (append-only, resumable)")
-    demo = sub.add_parser("demo", help="distill the bundled SmolLM2-135M-Instruct teacher on this machine (about 7 min on 2 CPU cores)",
+    demo = sub.add_parser("demo", help="distill the bundled SmolLM2-135M-Instruct teacher on this machine (100 steps; about 10 min on 2 idle CPU cores)",
                           description="The embedded default: a real teacher, a student cut from it, a task, a report.")
     demo.add_argument("--output-dir", default="runs/demo", help="where the run goes (default: runs/demo)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

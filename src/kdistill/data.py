@@ -5,7 +5,8 @@ A row is one JSON object per line, either::
     {"id": "optional", "prompt": "...", "response": "...", "reference": "optional ground truth"}
     {"id": "optional", "messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}]}
 
-With ``messages``, every assistant turn is trained on and the last assistant turn is the
+With ``messages``, every assistant turn is trained on (except one marked ``"train": false``: context
+only, e.g. a few-shot example) and the last assistant turn is the
 "response" (a conversation ending on a user turn is a prompt only). ``reference`` (optional)
 is the ground-truth answer used for task accuracy; without it, task accuracy is not measured.
 
@@ -78,7 +79,11 @@ def parse_row(row: Any, where: str, require_response: bool = True) -> Example:
                 raise DataError(f"{where}: messages[{i}] must be an object with 'role' and string 'content'")
             if m["role"] not in ("system", "user", "assistant"):
                 raise DataError(f"{where}: messages[{i}].role must be system, user or assistant, got {m['role']!r}")
-        msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
+            if m.get("train", True) is not True and (m["role"] != "assistant" or m["train"] is not False):
+                raise DataError(f"{where}: messages[{i}].train: only an assistant turn may say \"train\": false")
+        # an assistant turn with "train": false is context only (e.g. a few-shot example): never trained on
+        msgs = [{"role": m["role"], "content": m["content"], **({"train": False} if m.get("train") is False else {})}
+                for m in msgs]
         if msgs[-1]["role"] == "assistant":
             before, response = msgs[:-1], msgs[-1]["content"]
         else:
@@ -277,7 +282,7 @@ class Renderer:
         labels: list[int] = []
         done = ""
         for i, m in enumerate(conv):
-            if m["role"] != "assistant":
+            if m["role"] != "assistant" or m.get("train") is False:
                 continue
             before = self._render(conv[:i], add_generation_prompt=True)
             upto = self._render(conv[: i + 1], add_generation_prompt=False)

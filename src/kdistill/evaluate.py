@@ -152,37 +152,83 @@ def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", text.strip().lower())
 
 
-def matches(output: str, reference: str, how: str = "contains") -> bool:
-    """``contains``: the reference appears in the output as whole words (case-insensitive);
-    ``exact``: equal after trimming, case and whitespace folding."""
+def normalize_answer(text: str) -> str:
+    """Case, punctuation and whitespace folded: ``" Freya."`` -> ``"freya"`` (the strict modes compare these)."""
+    return " ".join(re.sub(r"[^\w\s]|_", " ", text.lower()).split())
+
+
+MATCH_MODES = ("contains", "exact", "regex", "first_line", "judge")
+
+
+def matches(output: str, reference: str, how: str = "contains", pattern: Optional[str] = None) -> bool:
+    """Whether a generated answer counts as correct against ``reference``.
+
+    * ``contains``: the reference appears in the output as whole words (case-insensitive) — lenient:
+      an answer that repeats the whole question passes;
+    * ``exact``: the whole output equals the reference after :func:`normalize_answer`;
+    * ``first_line``: the first non-empty line of the output equals it (text after it is ignored);
+    * ``regex``: ``pattern`` is searched in the output and its first group (else the whole match)
+      equals it; no match = wrong (lm-eval's regex filter + exact match);
+    * ``judge`` needs a model: see :func:`task_accuracy`'s ``judge``.
+    """
+    if how == "judge":
+        raise ValueError("eval.match: judge is scored by a judge model, not by text comparison")
+    if how in ("exact", "first_line", "regex"):
+        ref = normalize_answer(reference)
+        if how == "first_line":
+            output = next((line for line in output.splitlines() if line.strip()), "")
+        elif how == "regex":
+            m = re.search(pattern or "", output)
+            if m is None:
+                return False
+            output = m.group(1) if m.groups() and m.group(1) is not None else m.group(0)
+        return bool(ref) and normalize_answer(output) == ref
     out, ref = _norm(output), _norm(reference)
     if not ref:
         return False
-    if how == "exact":
-        return out == ref or out.rstrip(".!") == ref.rstrip(".!")
     return re.search(r"(?<!\w)" + re.escape(ref) + r"(?!\w)", out) is not None
 
 
+def _score(rows: list[Example], outputs: list[str], ecfg, judge) -> list[bool]:
+    """Each output scored against its row's reference as ``ecfg.match`` says (``judge``: a callable
+    ``(rows, outputs) -> [bool]``, e.g. the teacher asked whether each answer is correct)."""
+    if ecfg.match == "judge":
+        if judge is None:
+            raise ValueError("eval.match: judge needs a judge (the teacher model, or eval.judge.api)")
+        return [bool(v) for v in judge(rows, outputs)]
+    return [matches(o, e.reference, ecfg.match, getattr(ecfg, "answer_regex", None)) for o, e in zip(outputs, rows)]
+
+
 def task_accuracy(
-    model, tokenizer, renderer: Renderer, examples: list[Example], max_new_tokens: int, batch_size: int, how: str
+    model, tokenizer, renderer: Renderer, examples: list[Example], max_new_tokens: int, batch_size: int, how,
+    judge=None,
 ) -> tuple[Optional[float], list[str]]:
-    """Greedy answers to rows with a ``reference``; accuracy (None when no row has one) and outputs."""
+    """Greedy answers to rows with a ``reference``; accuracy (None when no row has one) and outputs.
+    ``how``: the ``eval`` section (or a mode name of :func:`matches`)."""
     rows = [e for e in examples if e.reference is not None]
     if not rows:
         return None, []
     outputs = sample_texts(model, tokenizer, [renderer.prompt_ids(e) for e in rows], max_new_tokens, batch_size)
-    hits = sum(matches(o, e.reference, how) for o, e in zip(outputs, rows))
-    return hits / len(rows), outputs
+    ecfg = how if hasattr(how, "match") else _Mode(how)
+    return sum(_score(rows, outputs, ecfg, judge)) / len(rows), outputs
 
 
-def scored_answers(examples: list[Example], how: str) -> tuple[Optional[float], list[str]]:
+def scored_answers(examples: list[Example], how, judge=None) -> tuple[Optional[float], list[str]]:
     """Accuracy of answers already written in the rows (``response``) against ``reference``, in the
     same form as :func:`task_accuracy` (rows without a reference or a response are left out)."""
     rows = [e for e in examples if e.reference is not None and e.response is not None]
     if not rows:
         return None, []
     outputs = [e.response for e in rows]
-    return sum(matches(o, e.reference, how) for o, e in zip(outputs, rows)) / len(rows), outputs
+    ecfg = how if hasattr(how, "match") else _Mode(how)
+    return sum(_score(rows, outputs, ecfg, judge)) / len(rows), outputs
+
+
+class _Mode:
+    """A bare mode name where an ``eval`` section is expected."""
+
+    def __init__(self, match: str, answer_regex: Optional[str] = None):
+        self.match, self.answer_regex = match, answer_regex
 
 
 class _PeakRSS:
@@ -281,13 +327,14 @@ def retention(student: dict, teacher: dict) -> dict:
 
 def heldout_figures(model: nn.Module, tokenizer, renderer: Renderer, rows: list[Example], feats: list[dict], ecfg,
                     vocab_size: int, teacher: Optional[nn.Module] = None, is_teacher: bool = False,
-                    device=None) -> dict:
+                    device=None, judge=None) -> dict:
     """Held-out logit metrics and task accuracy of one model (its outputs kept for the samples); per
     task too when the rows come from several ``data.tasks``.
 
     ``teacher``: the teacher model to measure KL and top-1 agreement against (same tokenizer), or
     None. ``is_teacher``: the model *is* the teacher (KL 0, agreement 1; with
     ``eval.teacher_answers: data`` its answers are the rows' responses, not generated again).
+    ``judge``: for ``eval.match: judge``, ``(rows, answers) -> [bool]``.
     """
 
     def measure(sub_rows, sub_feats) -> dict:
@@ -298,10 +345,10 @@ def heldout_figures(model: nn.Module, tokenizer, renderer: Renderer, rows: list[
             metrics["top1_agreement"] = 1.0
         outputs: list[str] = []
         if ecfg.generate and is_teacher and ecfg.teacher_answers == "data":
-            acc, outputs = scored_answers(sub_rows, ecfg.match)
+            acc, outputs = scored_answers(sub_rows, ecfg, judge)
         elif ecfg.generate:
             acc, outputs = task_accuracy(model, tokenizer, renderer, sub_rows, ecfg.max_new_tokens, ecfg.batch_size,
-                                         ecfg.match)
+                                         ecfg, judge)
         else:
             acc = None
         if acc is not None:
@@ -316,7 +363,8 @@ def eval_fingerprint(cfg, eval_rows: list[Example]) -> str:
     key = {
         "rows": [[e.id, e.messages, e.response, e.reference] for e in eval_rows],
         "data": [cfg.data.max_length, cfg.data.system_prompt, cfg.data.chat_template],
-        "eval": [cfg.eval.generate, cfg.eval.max_new_tokens, cfg.eval.match],
+        "eval": [cfg.eval.generate, cfg.eval.max_new_tokens, cfg.eval.match]
+        + ([cfg.eval.answer_regex] if cfg.eval.match == "regex" else []),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -9,6 +9,8 @@ from typing import Optional
 
 from kdistill.evaluate import HIGHER_IS_BETTER, retention
 from kdistill.store import atomic_write
+from kdistill.trust_report import benchmark_sentence, cost_cells, notes, plot_benchmarks, stop_note
+from kdistill.trust_report import markdown as trust_markdown
 
 METRIC_ORDER = ("accuracy", "perplexity", "kl_to_teacher", "top1_agreement")
 
@@ -81,7 +83,12 @@ def build_report(method: str, teacher: dict, student: dict, teacher_ev: dict, in
 
 
 def headline(rep: dict) -> str:
-    """One plain sentence: how much of the teacher the student kept (the first line of report.md)."""
+    """One plain sentence: how much of the teacher the student kept (the first line of report.md),
+    followed by what qualifies it (training stopped early, contamination; see :mod:`kdistill.trust_report`)."""
+    return " ".join([x for x in [_headline(rep) or benchmark_sentence(rep)] if x] + notes(rep))
+
+
+def _headline(rep: dict) -> str:
     s, t, ret = rep["student"], rep["teacher"], rep["retention"]
     share = f" with {s['params'] / t['params']:.0%} of its parameters" if t.get("params") and s.get("params") else ""
     if ret.get("accuracy") is not None:
@@ -183,10 +190,15 @@ def markdown(report: dict) -> str:
         lines.append("")
     sp = report.get("speed") or {}
     if sp.get("teacher") and sp.get("student"):
-        lines += ["## Cost", "", "| | tokens/s (generation) | peak memory (MB) |", "|---|---|---|"]
+        per = report.get("cost")
+        lines += ["## Cost", "", "| | tokens/s (generation) | peak memory (MB) |" + (
+            f" cost per 1M generated tokens (at {per['cost_per_hour']}/hour) |" if per else ""),
+            "|---|---|---|" + ("---|" if per else "")]
         for who in ("teacher", "student"):
-            lines.append(f"| {who} | {_fmt(sp[who].get('tokens_per_s'))} | {_fmt(sp[who].get('peak_memory_mb'))} |")
+            lines.append(f"| {who} | {_fmt(sp[who].get('tokens_per_s'))} | {_fmt(sp[who].get('peak_memory_mb'))} |"
+                         + cost_cells(report, who))
         lines.append("")
+    lines += trust_markdown(report)
     extra = report.get("method_summary")
     if extra:
         lines += ["## Method", "", "```json", json.dumps(extra, indent=2), "```", ""]
@@ -243,7 +255,7 @@ def plot(report: dict, metrics_path: Optional[Path], out_dir: Path) -> list[str]
         fig.savefig(out_dir / "metrics.png", dpi=110)
         plt.close(fig)
         made.append("metrics.png")
-    return made
+    return made + plot_benchmarks(report, out_dir)
 
 
 def model_card(report: dict, cfg_dump: str) -> str:
@@ -259,9 +271,9 @@ def model_card(report: dict, cfg_dump: str) -> str:
             "---",
             f"# {s['name']}",
             "",
-            f"Distilled with [kdistill](https://pypi.org/project/kdistill/) from `{t['name']}` "
-            f"(method: `{report.get('method')}`).",
+            f"Distilled with {project_link()} from `{t['name']}` (method: `{report.get('method')}`).",
             "",
+            *([f"**{stop_note(tr)}**", ""] if stop_note(tr) else []),
             f"- parameters: {s['params']:,}" + (f" ({s['params'] / t['params']:.0%} of the teacher's {t['params']:,})"
                                                 if t.get("params") else ""),
             *( [f"- kept teacher layers: {layers}"] if layers else [] ),
@@ -276,3 +288,19 @@ def model_card(report: dict, cfg_dump: str) -> str:
             "",
         ]
     )
+
+
+def project_link() -> str:
+    """kdistill and its version, linked to the project's own page when the package metadata names one
+    (``[project.urls]``), never to a package index page that is not this project's."""
+    from importlib import metadata
+
+    try:
+        meta = metadata.metadata("kdistill")
+        version = meta.get("Version", "")
+        urls = dict(u.split(", ", 1) for u in (meta.get_all("Project-URL") or []) if ", " in u)
+    except metadata.PackageNotFoundError:
+        version, urls = "", {}
+    url = next((urls[k] for k in ("Homepage", "Repository", "Source", "Documentation") if k in urls), None)
+    name = f"kdistill {version}".strip()
+    return f"[{name}]({url})" if url else name

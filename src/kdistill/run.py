@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import torch
 from accelerate import Accelerator
 
+from kdistill import trackers
 from kdistill.config import check_paths, dump_config
 from kdistill.console import quiet
 from kdistill.curriculum import describe, difficulty
@@ -43,7 +44,8 @@ from kdistill.store import check_own_folder, claim_folder, exclusive, memo_json
 from kdistill.students import build_student, display_name
 from kdistill.teachers import BuildEnv, HeldOut, build_teacher, load_teacher_weights, primary_teacher, teacher_configs
 from kdistill.teachers.build import uses_model
-from kdistill.trainer import latest_checkpoint, train
+from kdistill.trainer import InterruptGuard, latest_checkpoint, train
+from kdistill.trust import TrustChecks
 
 log = logging.getLogger("kdistill")
 
@@ -116,9 +118,12 @@ class Run:
         check_own_folder(self.out, "output_dir", "run folder", LEGACY)
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
-        self.acc = Accelerator(mixed_precision=cfg.train.mixed_precision) if self.training else _SingleProcess()
+        self.acc = (Accelerator(mixed_precision=cfg.train.mixed_precision,
+                                **trackers.accelerator_kwargs(cfg.train.report_to, self.out))
+                    if self.training else _SingleProcess())
         check_launch(self.acc.num_processes)
         self.device = self.acc.device
+        self.trust = TrustChecks(self)
         stack = contextlib.ExitStack()
         if self.acc.is_main_process:
             claim_folder(self.out, "run")
@@ -126,6 +131,8 @@ class Run:
             if self.training:
                 self.identity = prepare_run_folder(cfg, self.out, dump_config, self.say)
         self.acc.wait_for_everyone()
+        if self.training:
+            trackers.start(self.acc, cfg)
         return stack
 
     def read_rows(self, require_train: Optional[bool] = None, require_response: Optional[bool] = None,
@@ -156,6 +163,7 @@ class Run:
         if self.rows is None:
             self.rows = self.method_cls.training_rows(self)
         self.train_rows, self.eval_rows = self.rows
+        self.trust.after_rows()
 
     def renderer_for(self, tok) -> Renderer:
         return Renderer(tok, self.cfg.data.max_length, self.cfg.data.system_prompt, self.cfg.data.chat_template)
@@ -226,7 +234,7 @@ class Run:
         rows = self.method.eval_rows(self.eval_rows) if self.method is not None else self.eval_rows
         live = self.t_model if self.same_vocab else None
         return heldout_figures(model, self.tokenizer, self.eval_renderer, rows, self.eval_feats, self.cfg.eval,
-                               self.vocab_size, teacher=live, device=self.device)
+                               self.vocab_size, teacher=live, device=self.device, judge=self.trust.answer_judge())
 
     def _teacher_figures(self) -> dict:
         if self.t_model is not None:
@@ -238,7 +246,7 @@ class Run:
                 feats, _ = encode_examples(renderer, self.eval_rows)
                 vocab = min(output_vocab_size(t_model), len(t_tok))
             return heldout_figures(t_model, t_tok, renderer, self.eval_rows, feats, self.cfg.eval, vocab,
-                                   is_teacher=True, device=self.device)
+                                   is_teacher=True, device=self.device, judge=self.trust.answer_judge())
         if self.teacher is None:
             return {"metrics": {}, "outputs": []}
         ho = HeldOut(self.cfg, self.eval_rows, self.eval_feats, self.out, self.tokenizer.pad_token_id, self.say,
@@ -260,6 +268,7 @@ class Run:
         self.initial_ev = (memo_json(self.out / "eval_student_initial.json",
                                      lambda: {**self._student_figures(self.student), "key": s_key},
                                      valid=lambda v: v.get("key") == s_key) if self.training else None)
+        self.trust.baseline()
 
     # -- phase 4: fit ------------------------------------------------------------------------
 
@@ -291,16 +300,19 @@ class Run:
         if cfg.eval.every:
             keeper = BestKeeper(cfg.eval.select_best, lambda s: self._student_figures(s)["metrics"], self.out, self.say,
                                 fresh=latest_checkpoint(self.out / "checkpoints") is None)
-        result = train(wrapper, self.method, self.feats, lambda b: collate(b, self.tokenizer.pad_token_id), cfg.train,
-                       self.out, accelerator=acc, progress=self.progress, curriculum=curriculum,
-                       evaluator=(cfg.eval.every, keeper) if keeper is not None else None)
+        with InterruptGuard() as guard:  # Ctrl-C: stop after this step, still report (and say so)
+            result = train(wrapper, self.method, self.feats, lambda b: collate(b, self.tokenizer.pad_token_id),
+                           cfg.train, self.out, accelerator=acc, progress=self.progress, curriculum=curriculum,
+                           evaluator=(cfg.eval.every, keeper) if keeper is not None else None, interrupt=guard,
+                           say=self.say)
         self.student = acc.unwrap_model(wrapper).model
         if result.resumed_from is not None:
             self.say(f"resumed from the checkpoint at step {result.resumed_from} of {result.steps}"
                      + (" (training was already complete)" if result.resumed_from == result.steps else ""))
         training = {"steps": result.steps, "seconds": round(result.seconds, 1), "train_rows": len(self.feats),
                     "items": result.tokens, "resumed_from": result.resumed_from, "stopped_early": result.stopped_early,
-                    "truncated_rows": self.truncated}
+                    "truncated_rows": self.truncated, "stopped_by": result.stopped_by,
+                    "planned_steps": result.planned_steps}
         if curriculum is not None:
             training["curriculum"] = describe(cfg.curriculum, curriculum[1], result.steps)
         if keeper is not None:
@@ -315,6 +327,7 @@ class Run:
             self.t_model.to(self.device)
         self.final_ev = self._student_figures(self.student)
         self.speed = self._speed() if self.acc.is_main_process else {}
+        self.trust.final()
 
     def _speed(self) -> dict:
         n = self.cfg.eval.speed_prompts
@@ -365,6 +378,7 @@ class Run:
             rep.update(self.method.report_extras())
         if self.mixture:
             rep["data_mixture"] = self.mixture
+        self.trust.report(rep)
         if self.acc.is_main_process:
             if self.training:
                 sdir = self.out / "student"

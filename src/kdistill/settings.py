@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import Field, field_validator, model_validator
 
 from kdistill.answers import GenerateConfig
+from kdistill.eval_settings import BenchmarksConfig, JudgeSettings, ReportConfig, check_answer_regex
 from kdistill.filters import FiltersConfig, JudgeConfig  # noqa: F401  (re-exported)
 from kdistill.losses.divergences import registered as divergence_names
 from kdistill.section import Section
@@ -126,6 +127,7 @@ class TaskConfig(Section):
         None, gt=0.0, description="share of the training rows (normalized over tasks); none on every task = "
         "the tasks' natural sizes"
     )
+    group: Optional[str] = Field(None, description="capability group in the report (retention per group, floor)")
 
     @field_validator("name")
     @classmethod
@@ -148,6 +150,8 @@ class DataConfig(Section):
         None, description="system message added to every row without one (overrides a template's default)"
     )
     chat_template: bool = Field(True, description="render rows with the tokenizer's chat template when it has one")
+    holdout_by: Optional[str] = Field(
+        None, description="split held-out rows from train by whole groups of this row field (e.g. template, task)")
 
     @model_validator(mode="after")
     def _check_tasks(self) -> "DataConfig":
@@ -248,6 +252,8 @@ class TrainConfig(Section):
         "auto", description="auto: a rerun resumes only a run made with the same training settings and data (else it "
         "is refused, naming the changed keys); accept_changes: continue the run with the changed settings"
     )
+    report_to: Optional[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        None, description="also log loss and eval figures per step to this tracker (through accelerate)")
 
     @model_validator(mode="after")
     def _length(self) -> "TrainConfig":
@@ -270,7 +276,12 @@ class CurriculumConfig(Section):
 class EvalConfig(Section):
     batch_size: int = Field(8, ge=1)
     max_new_tokens: int = Field(32, ge=1)
-    match: Literal["contains", "exact"] = Field("contains", description="how a generation is compared to 'reference'")
+    match: Literal["contains", "exact", "regex", "first_line", "judge"] = Field(
+        "contains", description="how a generation is compared to 'reference' (see kdistill.evaluate.matches)")
+    answer_regex: Optional[str] = Field(None, description="match: regex: the answer is this regex's first group")
+    judge: "EvalJudgeConfig" = Field(default_factory=lambda: EvalJudgeConfig())
+    benchmarks: Optional[BenchmarksConfig] = Field(None, description="standard benchmarks through lm-eval")
+    near_duplicate: float = Field(0.8, gt=0, le=1, description="contamination: word-shingle Jaccard for a near duplicate")
     generate: bool = Field(True, description="run generation for task accuracy when rows have a reference")
     teacher_answers: Literal["generate", "data"] = Field(
         "generate", description="data: the held-out rows' response IS the teacher's greedy answer (e.g. from "
@@ -294,7 +305,15 @@ class EvalConfig(Section):
             raise ValueError("eval.select_best needs eval.every (how often the student is evaluated)")
         if self.select_best == "accuracy" and not self.generate:
             raise ValueError("eval.select_best: accuracy needs eval.generate: true")
+        check_answer_regex(self.match, self.answer_regex)
         return self
+
+
+class EvalJudgeConfig(JudgeSettings):
+    api: Optional[TeacherApiConfig] = Field(None, description="an API model as the judge; none = the teacher")
+
+
+EvalConfig.model_rebuild()
 
 
 # --- on-policy, self- and preference distillation (issue 6) ---------------------------------
@@ -342,6 +361,7 @@ class RunConfig(Section):
     generate: Optional[GenerateConfig] = None
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
     vllm: VllmConfig = Field(default_factory=VllmConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
     @field_validator("output_dir")
     @classmethod

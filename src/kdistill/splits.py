@@ -2,8 +2,9 @@
 
 Held-out rows are ``data.eval``, or a deterministic split of the training rows (by id hash, stable
 when rows are added or reordered). With ``data.tasks``: every task's rows (ids ``task/ID``,
-``extra["task"]``), held out per task, the training rows mixed by the tasks' weights. Held-out rows
-that are also training rows are flagged: their figures measure memory, not generalisation.
+``extra["task"]``), held out per task, the training rows mixed by the tasks' weights. With
+``data.holdout_by``, whole groups are held out (:mod:`kdistill.holdout`). Held-out rows that are also
+training rows are flagged: their figures measure memory, not generalisation.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Callable, Optional
 
 from kdistill.data import Example, load_examples, mix_tasks, split_examples, tag_task, task_of
 from kdistill.errors import ConfigError
+from kdistill.holdout import split_by_group
 
 
 @dataclass
@@ -33,7 +35,7 @@ def read_rows(cfg, require_train: bool = True, require_response: bool = True, tr
             if t.eval is not None:
                 h = tag_task(load_examples(t.eval, require_response=require_response), t.name)
             else:
-                rows, h = split_examples(rows, cfg.data.eval_fraction, cfg.train.seed)
+                rows, h = _split(cfg, rows, t.train)
             train += rows
             held += h[: cfg.data.max_eval_rows]
         stats = {t.name: {"rows": sum(task_of(e) == t.name for e in train)} for t in cfg.data.tasks}
@@ -48,12 +50,24 @@ def read_rows(cfg, require_train: bool = True, require_response: bool = True, tr
         raise ConfigError("data.train: required key is missing (a JSONL file of prompt/response rows, e.g. "
                           "teacher-written rows from `kdistill generate`, or a generate: section)")
     if cfg.data.eval is not None:
+        if cfg.data.holdout_by is not None:
+            raise ConfigError("data.holdout_by: splits held-out rows from data.train, but data.eval is set")
         held = load_examples(cfg.data.eval, require_response=require_response)
     elif train:
-        train, held = split_examples(train, cfg.data.eval_fraction, cfg.train.seed)
+        train, held = _split(cfg, train, train_path)
+    elif cfg.eval.benchmarks is not None and not require_train:
+        return Rows([], [])  # kdistill eval on standard benchmarks alone
     else:
         raise ConfigError("data.eval: required key is missing (or give data.train to hold out a split)")
     return Rows(train, _flag_overlap(train, held[: cfg.data.max_eval_rows], say))
+
+
+def _split(cfg, rows: list[Example], source: str) -> tuple[list[Example], list[Example]]:
+    """Held-out rows split from training rows: whole groups with ``data.holdout_by``, else rows."""
+    d = cfg.data
+    if d.holdout_by is not None:
+        return split_by_group(rows, d.holdout_by, d.eval_fraction, cfg.train.seed, source)
+    return split_examples(rows, d.eval_fraction, cfg.train.seed)
 
 
 def _flag_overlap(train: list[Example], held: list[Example], say: Callable[[str], None]) -> list[Example]:

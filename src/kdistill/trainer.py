@@ -18,6 +18,8 @@ import json
 import logging
 import math
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,32 @@ class TrainResult:
     seconds: float
     tokens: int
     stopped_early: bool
+    stopped_by: Optional[str] = None  # what ended it before its plan: train.max_minutes, train.max_steps or interrupt
+    planned_steps: Optional[int] = None  # the steps it was planned for (by epochs, when max_steps is fewer)
+
+
+class InterruptGuard:
+    """``with InterruptGuard() as g: train(..., interrupt=g)``: the first Ctrl-C asks training to stop
+    after the current step (checkpoint saved, ``stopped_by="interrupt"``) so the run can still
+    report; a second one interrupts at once. Outside the main thread it does nothing."""
+
+    def __init__(self):
+        self.hit = False
+        self._old = None
+
+    def _handle(self, signum, frame):
+        self.hit = True
+        signal.signal(signal.SIGINT, self._old)  # a second Ctrl-C is an ordinary KeyboardInterrupt
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None and not self.hit:
+            signal.signal(signal.SIGINT, self._old)
+        return False
 
 
 @functools.lru_cache(maxsize=2)
@@ -81,6 +109,8 @@ def train(
     progress: bool = True,
     curriculum=None,
     evaluator=None,
+    interrupt: Optional[InterruptGuard] = None,
+    say: Optional[Callable[[str], None]] = None,
 ) -> TrainResult:
     """Train ``model`` (a :class:`~kdistill.models.student.StudentLM`) in place with ``method`` (a
     :class:`~kdistill.methods.base.Method`: ``prepare_batch``, ``num_items``, ``loss``).
@@ -93,6 +123,10 @@ def train(
             (:mod:`kdistill.curriculum`); None = shuffled epochs throughout.
         evaluator: ``(every, fn)``: after every ``every``-th optimizer step, ``fn(step, model)``
             returns held-out metrics, logged as ``eval_*`` rows in ``metrics.jsonl``.
+        interrupt: an :class:`InterruptGuard`: after a Ctrl-C, stop like ``max_minutes`` does.
+        say: gets one line after the second step: the measured step time and the time estimate.
+
+    Each ``metrics.jsonl`` row also goes to the accelerator's trackers (``train.report_to``), if any.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -108,7 +142,8 @@ def train(
     world, rank = acc.num_processes, acc.process_index
     per_epoch = math.ceil(len(features) / tcfg.batch_size)  # global micro-batches per epoch
     steps_per_epoch = max(1, per_epoch // (ga * world))
-    total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * steps_per_epoch))
+    by_epochs = max(1, math.ceil(tcfg.epochs * steps_per_epoch)) if tcfg.epochs else None
+    total_steps = tcfg.max_steps or by_epochs
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
@@ -171,7 +206,7 @@ def train(
 
     t0 = time.time()
     seconds = seconds_before  # a rerun of a finished run adds no time
-    stopped_early = False
+    stopped_early, stopped_by, t_step = False, None, None
     model.train()
     while step < total_steps:
         # 1. the micro-batches of this optimizer step, and the global item count
@@ -235,22 +270,48 @@ def train(
             except OSError as exc:
                 raise TrainingError(f"cannot write {metrics_path} ({exc.strerror or exc}); the checkpoints saved "
                                     "before are intact: rerun the same command once it can be written") from None
+            if acc.trackers:
+                acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
+        if say is not None and acc.is_main_process:
+            t_step = _estimate(say, step, total_steps, t0, t_step, tcfg.max_minutes, resumed_from)
 
         # 4. checkpoint (and stop on the wall-clock budget)
         seconds = seconds_before + time.time() - t0  # training time of the whole run, resumes added up
         out_of_time = tcfg.max_minutes is not None and (time.time() - t0) / 60 >= tcfg.max_minutes
-        if step % tcfg.save_every == 0 or out_of_time or step == total_steps:
+        stop = out_of_time or (interrupt is not None and interrupt.hit)
+        if step % tcfg.save_every == 0 or stop or step == total_steps:
             _save_checkpoint(acc, ckpt_root, step, cursor, tokens_seen, tcfg.save_total_limit, seconds)
-        if out_of_time and step < total_steps:
-            stopped_early = True
+        if stop and step < total_steps:
+            stopped_early, stopped_by = True, "train.max_minutes" if out_of_time else "interrupt"
             break
     if bar is not None:
         bar.close()
     model.eval()
-    return TrainResult(step, resumed_from, seconds, tokens_seen, stopped_early)
+    if not stopped_early and by_epochs is not None and step < by_epochs:  # max_steps cut the epochs short
+        stopped_early, stopped_by = True, "train.max_steps"
+    return TrainResult(step, resumed_from, seconds, tokens_seen, stopped_early, stopped_by,
+                       max(total_steps, by_epochs or 0))
+
+
+def _estimate(say, step: int, total: int, t0: float, t_step, max_minutes, resumed_from) -> float:
+    """After the first step of this session: the time mark; after the second: say the step time
+    (the first step includes warm-up) and the estimate, and what ``max_minutes`` will cut."""
+    done = step - (resumed_from or 0)
+    now = time.time()
+    if done == 2 and t_step is not None and step < total:
+        per = now - t_step
+        left = (total - step) * per
+        line = (f"training: one step takes {per:.1f} s here; about {left / 60:.1f} min for the remaining "
+                f"{total - step} of {total} steps")
+        if max_minutes is not None and (now - t0) + left > 60 * max_minutes:
+            reach = step + int(max(0.0, 60 * max_minutes - (now - t0)) / per)
+            line += (f"; train.max_minutes={max_minutes:g} will stop it near step {reach} (--set "
+                     f"train.max_minutes=... to train all {total})")
+        say(line)
+    return now
 
 
 class _nullcontext:

@@ -52,7 +52,8 @@ def answered_figures(ho: HeldOut, api_cfg, served=None, answers_dir=None) -> dic
         ref = [e for e in sub if e.reference is not None]
         answered = [e for e in ref if e.id in have]
         if answered:
-            metrics["accuracy"] = sum(matches(have[e.id], e.reference, cfg.eval.match) for e in answered) / len(answered)
+            metrics["accuracy"] = sum(matches(have[e.id], e.reference, cfg.eval.match, cfg.eval.answer_regex)
+                                      for e in answered) / len(answered)
         if served is not None and sub_feats:
             ppl = served.perplexity(sub_feats, ho.pad_id, cfg.eval.batch_size)
             if ppl is not None:
