@@ -140,7 +140,9 @@ def train(
                 if rows is None:
                     epoch, j = divmod(g, per_epoch)
                     rows = _epoch_batches(len(features), tcfg.batch_size, tcfg.seed, epoch)[j]
-                yield _move(collate_fn([features[k] for k in rows]), acc.device)
+                batch = _move(collate_fn([features[k] for k in rows]), acc.device)
+                batch["micro_batch"] = g  # global index: a method's per-batch draws key on it (same after a resume)
+                yield batch
             g += 1
 
     stream = micro_batches(cursor)
