@@ -70,6 +70,9 @@ class TeacherConfig(Section):
     engine: Literal["transformers", "vllm"] = Field(
         "transformers", description="how a local teacher.model generates text (vllm: optional extra, GPU)"
     )
+    placement: Literal["auto", "replicated"] = Field(
+        "auto", description="under FSDP2 / DeepSpeed ZeRO-3: auto = sharded like the student (inference only), "
+        "replicated = a full copy on every process")
     kind: Optional[str] = Field(
         None, description="the teacher kind that serves this section (a registered kdistill.teachers kind); "
         "none = chosen from model / cache / api"
@@ -85,9 +88,15 @@ class TeacherConfig(Section):
 
 
 class StudentInit(Section):
-    """Build the student by cutting layers out of the teacher."""
+    """Build the student by cutting layers out of the teacher (or out of ``from``: a local copy of a
+    served teacher's weights)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_by_name=True,
+                              validate_by_alias=True, serialize_by_alias=True)
 
     from_teacher: bool = True
+    from_: Optional[str] = Field(None, alias="from", description="cut from this model (folder, hub id, .gguf) instead "
+                                 "of teacher.model: a local copy of the weights of a teacher served over HTTP")
     num_layers: Optional[int] = Field(None, ge=1)
     layer_selection: Union[Literal["uniform", "first", "last", "first_last", "importance"], list[int]] = "uniform"
     importance_samples: int = Field(32, ge=1, description="training rows used to score block importance")
@@ -114,8 +123,8 @@ class StudentConfig(Section):
             raise ValueError("set either student.model or student.init")
         if self.model is not None and self.init is not None:
             raise ValueError("set only one of student.model and student.init")
-        if self.init is not None and not self.init.from_teacher:
-            raise ValueError("student.init.from_teacher must be true (or give student.model)")
+        if self.init is not None and not self.init.from_teacher and self.init.from_ is None:
+            raise ValueError("student.init.from_teacher must be true (or give student.init.from, or student.model)")
         return self
 
 
@@ -357,6 +366,9 @@ class CacheConfig(Section):
     top_k: int = Field(64, ge=1, le=4096, description="tokens kept per position (the rest is one tail bucket)")
     shard_size: int = Field(256, ge=1, description="rows per shard (the unit of resumption)")
     batch_size: int = Field(8, ge=1, description="rows per teacher forward pass")
+    accept_teacher_change: bool = Field(
+        False, description="extend a cache although its served teacher now reports another identity (model root, "
+        "max_model_len, version, measured log-prob dtype): the cache then mixes two teachers")
 
 
 # --- on-policy, self- and preference distillation (issue 6) ---------------------------------
