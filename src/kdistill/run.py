@@ -33,6 +33,8 @@ from kdistill.methods import build_method, method_class, method_names
 from kdistill.methods.base import RunContext
 from kdistill.models import StudentLM, check_vocab, count_params, output_vocab_size, tokenizer_fingerprint
 from kdistill.report import build_report, model_card, write_report
+from kdistill.sharding import describe as describe_sharding
+from kdistill.sharding import full_state_dict, prepare_teacher, shards_models
 from kdistill.stages import StageRunner
 from kdistill.store import memo_json
 from kdistill.students import build_student, display_name
@@ -87,6 +89,7 @@ class Run:
         self.method = None
         self.freed_teacher_params: Optional[int] = None
         self.training_summary: Optional[dict] = None
+        self.wrapper = None  # the trained StudentLM (as accelerate prepared it)
 
     @property
     def say(self) -> Callable[[str], None]:
@@ -211,6 +214,8 @@ class Run:
     def build_teacher(self) -> None:
         """The teacher object (from the kind registry), checked against what the method needs."""
         cfg, needs = self.cfg, self.method_cls.teacher_needs(self.cfg)
+        if self.training and self.t_model is not None:  # inference only; sharded like the student under FSDP2/ZeRO-3
+            self.t_weights = (prepare_teacher(self.t_model, self.acc, primary_teacher(cfg).placement), self.t_weights[1])
         env = BuildEnv(cfg=cfg, tokenizer=self.tokenizer, vocab_size=self.vocab_size, features=self.feats,
                        device=self.device, say=self.say, weights=self.t_weights, student=self.student,
                        primary=primary_teacher(cfg), needs=needs, method=cfg.method)
@@ -288,7 +293,7 @@ class Run:
             self.training_summary = {**training, "truncated_rows": self.truncated}
             self.teacher_layers = getattr(self.student.config, "kdistill_teacher_layers", self.teacher_layers)
             return
-        wrapper = StudentLM(self.student, self.method.trainable_modules())
+        wrapper = self.wrapper = StudentLM(self.student, self.method.trainable_modules())
         curriculum = None
         if cfg.curriculum.by != "none":
             live = self.t_model if self.same_vocab else None
@@ -311,6 +316,8 @@ class Run:
                     "truncated_rows": self.truncated}
         if curriculum is not None:
             training["curriculum"] = describe(cfg.curriculum, curriculum[1], result.steps)
+        if shards_models(acc):
+            training["sharding"] = describe_sharding(acc, self.t_model)
         if keeper is not None:
             self.student = keeper.select(self.student, training)
         self.training_summary = training
@@ -322,7 +329,8 @@ class Run:
             self.t_weights = load_teacher_weights(self.cfg, self.say, with_tokenizer=True)
             self.t_model.to(self.device)
         self.final_ev = self._student_figures(self.student)
-        self.speed = self._speed() if self.acc.is_main_process else {}
+        # sharded models gather their weights in every forward: then every process measures
+        self.speed = self._speed() if self.acc.is_main_process or shards_models(self.acc) else {}
 
     def _speed(self) -> dict:
         n = self.cfg.eval.speed_prompts
@@ -373,10 +381,13 @@ class Run:
             rep.update(self.method.report_extras())
         if self.mixture:
             rep["data_mixture"] = self.mixture
+        gathered = None  # a student sharded across processes is gathered (by all of them) into a full checkpoint
+        if self.training and shards_models(self.acc) and getattr(self, "wrapper", None) is not None:
+            gathered = full_state_dict(self.acc, self.wrapper)
         if self.acc.is_main_process:
             if self.training:
                 sdir = self.out / "student"
-                self.student.save_pretrained(str(sdir))
+                self.student.save_pretrained(str(sdir), state_dict=gathered)
                 self.tokenizer.save_pretrained(str(sdir))
                 (sdir / "README.md").write_text(model_card(rep, dump_config(self.cfg)))
             write_report(rep, self.out)
