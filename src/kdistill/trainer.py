@@ -103,6 +103,7 @@ def train(
     # The schedule counts optimizer steps of the whole run (total_steps is already global), so it is
     # not handed to accelerate.prepare: its wrapper would step it once per process per step.
     model, optimizer = acc.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 swaps in sharded parameters: clip those
     acc.register_for_checkpointing(scheduler)
 
     # ---- resume -------------------------------------------------------------------------------
