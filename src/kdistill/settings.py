@@ -83,7 +83,7 @@ class TeacherConfig(Section):
     def _one_signal(self) -> "TeacherConfig":
         if self.api is not None and self.api.logprobs is not None and (self.model is not None or self.cache is not None):
             raise ValueError("api.logprobs: the served teacher gives the signal; give it without model or cache "
-                             "(and the student as student.model)")
+                             "(and the student as student.model, or cut from a local copy with student.init.from)")
         return self
 
 
