@@ -1,8 +1,9 @@
-"""Sharded training's teacher: FSDP2 (``fully_shard``) on 2 CPU processes (torchrun, gloo).
+"""Sharded training: FSDP2 (``fully_shard``) on 2 CPU processes (torchrun, gloo).
 
 The teacher is prepared for inference only — no gradients, no optimizer — and sharded like the
 student (``teacher.placement: auto``) or kept whole (``replicated``); its logits and its signal to
-the loss are the same as the unsharded teacher's. accelerate 1.15 does not enable its FSDP plugin
+the loss are the same as the unsharded teacher's. A student sharded as accelerate's FSDP2 leaves it
+is gathered into an ordinary model on every process, equal to the original (what is saved). accelerate 1.15 does not enable its FSDP plugin
 on CPU processes (they stay MULTI_CPU), so the whole ``accelerate launch`` run with
 ``examples/accelerate/fsdp2.yaml`` / ``accelerate/zero3.yaml`` (student sharded, full checkpoint
 gathered at the end) is checked on a GPU by ``benchmarks/gpu_check.sh``.
@@ -45,6 +46,30 @@ for placement in ("auto", "replicated"):
     result[placement] = {"diff": float((logits - want).abs().max()), "diff_plain": float((logits - plain).abs().max()),
                          "fused": teacher.can_fuse, "grad": any(p.requires_grad for p in teacher.model.parameters()),
                          "dtensor": type(next(teacher.model.parameters())).__name__, **describe(Acc(), teacher.model)}
+
+# the student as accelerate's FSDP2 leaves it (blocks and the StudentLM root fully_shard-ed), gathered whole
+from torch.distributed.fsdp import fully_shard
+from kdistill.models import StudentLM, decoder_layers
+from kdistill.sharding import whole_student
+
+student, _ = load_model(folder)
+want_state = {k: v.clone() for k, v in student.state_dict().items()}
+with torch.no_grad():
+    want_gen = student.generate(ids[:1, :4], max_new_tokens=4, do_sample=False).tolist()
+wrapper = StudentLM(student)
+for block in decoder_layers(student):
+    fully_shard(block)
+fully_shard(wrapper)
+acc = Acc()
+acc._models = [wrapper]
+sharded = type(next(wrapper.parameters())).__name__
+whole = whole_student(acc, wrapper, student)
+got = whole.state_dict()
+with torch.no_grad():
+    gen = whole.generate(ids[:1, :4], max_new_tokens=4, do_sample=False).tolist()
+result["student"] = {"sharded": sharded, "whole": type(next(whole.parameters())).__name__,
+                     "same_keys": set(got) == set(want_state),
+                     "equal": all(torch.equal(got[k], want_state[k]) for k in want_state), "generates": gen == want_gen}
 json.dump(result, open(f"{out}.{dist.get_rank()}", "w"))
 """
 
@@ -58,6 +83,8 @@ def test_fsdp2_teacher_on_two_cpu_processes(tiny, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     for rank in (0, 1):
         result = json.loads((tmp_path / f"rank.{rank}").read_text())
+        st = result.pop("student")  # gathered from its FSDP2 shards into an ordinary model, on every process
+        assert st == {"sharded": "DTensor", "whole": "Parameter", "same_keys": True, "equal": True, "generates": True}
         for placement, got in result.items():
             assert got["diff"] < 1e-4 and got["diff_plain"] < 1e-4  # the same logits, sharded or not
             assert not got["grad"] and got["scheme"] == "fsdp" and got["processes"] == 2

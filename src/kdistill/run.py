@@ -34,7 +34,7 @@ from kdistill.methods.base import RunContext
 from kdistill.models import StudentLM, check_vocab, count_params, output_vocab_size, tokenizer_fingerprint
 from kdistill.report import build_report, model_card, write_report
 from kdistill.sharding import describe as describe_sharding
-from kdistill.sharding import full_state_dict, prepare_teacher, shards_models
+from kdistill.sharding import prepare_teacher, shards_models, whole_student
 from kdistill.stages import StageRunner
 from kdistill.store import memo_json
 from kdistill.students import build_student, display_name
@@ -89,7 +89,6 @@ class Run:
         self.method = None
         self.freed_teacher_params: Optional[int] = None
         self.training_summary: Optional[dict] = None
-        self.wrapper = None  # the trained StudentLM (as accelerate prepared it)
 
     @property
     def say(self) -> Callable[[str], None]:
@@ -293,7 +292,7 @@ class Run:
             self.training_summary = {**training, "truncated_rows": self.truncated}
             self.teacher_layers = getattr(self.student.config, "kdistill_teacher_layers", self.teacher_layers)
             return
-        wrapper = self.wrapper = StudentLM(self.student, self.method.trainable_modules())
+        wrapper = StudentLM(self.student, self.method.trainable_modules())
         curriculum = None
         if cfg.curriculum.by != "none":
             live = self.t_model if self.same_vocab else None
@@ -307,7 +306,7 @@ class Run:
         result = train(wrapper, self.method, self.feats, lambda b: collate(b, self.tokenizer.pad_token_id), cfg.train,
                        self.out, accelerator=acc, progress=self.progress, curriculum=curriculum,
                        evaluator=(cfg.eval.every, keeper) if keeper is not None else None)
-        self.student = acc.unwrap_model(wrapper).model
+        self.student = whole_student(acc, wrapper, acc.unwrap_model(wrapper).model)  # gathered when sharded
         if result.resumed_from is not None:
             self.say(f"resumed from the checkpoint at step {result.resumed_from} of {result.steps}"
                      + (" (training was already complete)" if result.resumed_from == result.steps else ""))
@@ -329,7 +328,7 @@ class Run:
             self.t_weights = load_teacher_weights(self.cfg, self.say, with_tokenizer=True)
             self.t_model.to(self.device)
         self.final_ev = self._student_figures(self.student)
-        # sharded models gather their weights in every forward: then every process measures
+        # a sharded teacher gathers its weights in every forward: then every process measures
         self.speed = self._speed() if self.acc.is_main_process or shards_models(self.acc) else {}
 
     def _speed(self) -> dict:
@@ -381,13 +380,10 @@ class Run:
             rep.update(self.method.report_extras())
         if self.mixture:
             rep["data_mixture"] = self.mixture
-        gathered = None  # a student sharded across processes is gathered (by all of them) into a full checkpoint
-        if self.training and shards_models(self.acc) and getattr(self, "wrapper", None) is not None:
-            gathered = full_state_dict(self.acc, self.wrapper)
         if self.acc.is_main_process:
             if self.training:
                 sdir = self.out / "student"
-                self.student.save_pretrained(str(sdir), state_dict=gathered)
+                self.student.save_pretrained(str(sdir))
                 self.tokenizer.save_pretrained(str(sdir))
                 (sdir / "README.md").write_text(model_card(rep, dump_config(self.cfg)))
             write_report(rep, self.out)

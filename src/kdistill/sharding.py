@@ -18,8 +18,9 @@ layers. A sharded teacher's head is not read outside its forward (no fused loss 
 its logits come from its own forward. Every process must run the same teacher and student
 forwards (they gather weights together), so the run measures speed on every process then.
 
-The saved student is always a normal full checkpoint: :func:`full_state_dict` gathers it on every
-process (a collective) and the main process writes it with ``save_pretrained``.
+After training, :func:`whole_student` gathers the student's shards (a collective) into an ordinary
+model on every process: the final figures use it and the main process saves it with
+``save_pretrained``, so the saved student is always a normal full checkpoint.
 """
 
 from __future__ import annotations
@@ -84,15 +85,43 @@ def prepare_teacher(model: nn.Module, acc, placement: str = "auto") -> nn.Module
     return model
 
 
-def full_state_dict(acc, wrapper: nn.Module) -> Optional[dict]:
-    """The student's full state dict (names as in the unwrapped model), gathered from every process:
-    call it on *all* processes; the main process gets the dict, the others may get None."""
-    prepared = [m for m in getattr(acc, "_models", []) if m is wrapper or getattr(m, "module", None) is wrapper]
-    state = acc.get_state_dict(prepared[-1] if prepared else wrapper)  # DeepSpeed wants its engine
-    if state is None:
-        return None
-    prefix = "model."  # kdistill.models.StudentLM keeps the student as .model (adapters as .extra: not saved)
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+def _prepared(acc, wrapper: nn.Module) -> nn.Module:
+    """What accelerate made of ``wrapper`` (DeepSpeed: its engine; FSDP2: the module itself)."""
+    found = [m for m in getattr(acc, "_models", []) if m is wrapper or getattr(m, "module", None) is wrapper]
+    return found[-1] if found else wrapper
+
+
+def whole_student(acc, wrapper: nn.Module, student: nn.Module) -> nn.Module:
+    """The trained student as a whole, ordinary model on every process (for the final figures and
+    the saved checkpoint): under FSDP2 / ZeRO-3 its shards are gathered (a collective: call it on
+    every process) into a fresh copy; otherwise ``student`` itself.
+
+    ``wrapper`` is the :class:`~kdistill.models.StudentLM` that was trained (its student is ``.model``).
+    """
+    import torch
+
+    how = scheme(acc)
+    if how not in ("fsdp", "zero3"):
+        return student
+    prepared = _prepared(acc, wrapper)
+    if how == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(prepared, options=StateDictOptions(full_state_dict=True))
+    else:
+        import deepspeed
+
+        module = getattr(prepared, "module", prepared)
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    prefix = "model."  # StudentLM keeps the student as .model (feature adapters as .extra: not part of it)
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+    with torch.device(acc.device):  # built where it will run (its buffers, e.g. rotary tables, computed there)
+        fresh = type(student)(student.config).to(dtype)
+    fresh.load_state_dict(state)
+    fresh.generation_config = student.generation_config
+    return fresh.eval()
 
 
 def describe(acc, teacher: Optional[nn.Module]) -> dict:
