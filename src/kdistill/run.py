@@ -300,6 +300,9 @@ class Run:
                                 self.vocab_size, cfg.eval.batch_size)
             curriculum = (cfg.curriculum, scores)
         keeper = None
+        if cfg.eval.every and shards_models(acc):
+            raise ConfigError("eval.every: not available under FSDP2 / DeepSpeed ZeRO-3 (the student is sharded while "
+                              "it trains); the final figures are still measured")
         if cfg.eval.every:
             keeper = BestKeeper(cfg.eval.select_best, lambda s: self._student_figures(s)["metrics"], self.out, self.say,
                                 fresh=_latest_checkpoint(self.out / "checkpoints") is None)
