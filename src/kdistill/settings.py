@@ -380,15 +380,17 @@ class VllmConfig(Section):
     / ``zephyr.engine`` for sampling from the student being trained). Optional extra: ``pip install 'kdistill[vllm]'``.
 
     A student engine is *colocated*: it runs in the training process, on the same GPU, and is given
-    the student's current weights (``load_weights``) before every generation that follows an
-    optimizer step. One engine per training process (tensor parallel size 1).
+    the student's current weights (vLLM's ``reload_weights``) before every generation that follows
+    an optimizer step. One engine per training process (tensor parallel size 1).
     """
 
     gpu_memory_utilization: float = Field(
         0.3, gt=0.0, le=1.0, description="share of the GPU vLLM may take (weights + KV cache); the rest is training's"
     )
     max_model_len: Optional[int] = Field(None, ge=16, description="longest prompt + completion; none = data.max_length")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="the engine's weight dtype")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="the engine's dtype; auto = a student engine computes in the student's compute dtype "
+        "(another value: as asked, and the report names the mismatch), a teacher engine in the model's")
     enable_sleep_mode: bool = Field(
         False, description="free the engine's GPU memory (weights and KV cache) while the student trains"
     )
