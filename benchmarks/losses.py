@@ -84,6 +84,15 @@ def fused_loss(h, w, th, tw, labels, divergence):
     return fused_distill_loss(h, w, th, tw, labels, divergence=divergence, temperature=TEMPERATURE, beta=BETA, skew=SKEW)
 
 
+def liger_loss(h, w, th, tw, labels, divergence):
+    """Liger-Kernel's chunked fused-linear JSD (GPU, Triton; ``pip install liger-kernel``): jsd only."""
+    from liger_kernel.transformers import LigerFusedLinearJSD
+
+    if divergence != "jsd":
+        raise ValueError("liger: only jsd has a fused-linear kernel here")
+    return LigerFusedLinearJSD(jsd_beta=BETA, ignore_index=-100, temperature=TEMPERATURE)(h, w, th, tw, labels)
+
+
 # ---------------------------------------------------------------------------------------------
 # one measured case (runs in its own process)
 
@@ -128,7 +137,7 @@ def run_case(impl, divergence, tokens, vocab, hidden, device, dtype_name, repeat
     import torch
 
     dtype = getattr(torch, dtype_name)
-    fn = naive_loss if impl == "naive" else fused_loss
+    fn = {"naive": naive_loss, "fused": fused_loss, "liger": liger_loss}[impl]
 
     def step(args):
         loss = fn(*args, divergence)
@@ -187,7 +196,7 @@ def main(argv=None) -> int:
                     help="input dtype (default float32 on CPU, bfloat16 on CUDA)")
     ap.add_argument("--repeat", type=int, default=5, help="timed runs per case on CUDA (the median is shown)")
     ap.add_argument("--quick", action="store_true", help="small shape (1024 tokens, vocab 8192, hidden 256)")
-    ap.add_argument("--impls", default="naive,fused", help=argparse.SUPPRESS)
+    ap.add_argument("--impls", default="naive,fused", help="naive,fused[,liger] (liger: jsd only, CUDA)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
 
@@ -251,6 +260,12 @@ def main(argv=None) -> int:
                       f"{f[key] / n[key]:.3f}" if n and f and n[key] > 0 else "—"]
         cells.append(f"{abs(f['value'] - n['value']) / max(abs(n['value']), 1e-30):.1e}" if n and f else "—")
         print("| " + " | ".join(cells) + " |")
+    side = [(d, res) for d, res in rows if len(res) > 2]  # a third implementation (liger): side by side
+    if side:
+        print("\n| divergence | implementation | peak MB | wall s | loss |\n|---|---|---:|---:|---:|")
+        for d, res in side:
+            for impl, r in res.items():
+                print(f"| {d} | {impl} | {r['peak_mb']:.0f} | {r['seconds']:.3f} | {r['value']:.6f} |")
     return 0
 
 

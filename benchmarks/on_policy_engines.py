@@ -62,7 +62,8 @@ def main() -> int:
     vcfg = VllmConfig(gpu_memory_utilization=args.gpu_memory_utilization, dtype=args.dtype)
     work = Path(tempfile.mkdtemp(prefix="kd-vllm-"))
     t = time.time()
-    vs = VllmSampler(student, tok, work / "engine", vcfg, "bench", seed=0, max_model_len=512)
+    vs = VllmSampler(student, tok, work / "engine", vcfg, "bench", seed=0, max_model_len=512,
+                     mixed_precision="bf16" if args.dtype == "bfloat16" else "no")  # the student computes in it
     start_s = time.time() - t
     hs = HFSampler(tok, batch_size=64)
 

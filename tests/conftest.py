@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
 import torch
+
+# tests/engines/ runs against the real vLLM in its own venv: `make test-engines` (KD_ENGINE_TESTS=1)
+collect_ignore = [] if os.environ.get("KD_ENGINE_TESTS") else ["engines"]
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"

@@ -29,6 +29,8 @@ class FakeOpenAI:
         self.prompt_logprobs: Optional[Callable[[list[int], int], list]] = None
         self.tokenize: Optional[Callable[[str], list[int]]] = None
         self.max_logprobs = 20
+        self.model_info: dict = {}  # more fields of the model's /v1/models entry (vLLM: root, max_model_len)
+        self.version: Optional[str] = None  # GET /version (vLLM's); None = no such route
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         self.in_flight = 0
@@ -59,7 +61,11 @@ class FakeOpenAI:
                     pass
 
             def do_GET(self):
-                self._send(200, {"data": [{"id": server.model}]}) if self.path.endswith("/models") else self._send(404, {})
+                if self.path.endswith("/models"):
+                    return self._send(200, {"data": [{"id": server.model, **server.model_info}]})
+                if self.path == "/version" and server.version is not None:
+                    return self._send(200, {"version": server.version})
+                self._send(404, {})
 
             def do_POST(self):
                 n = int(self.headers.get("Content-Length") or 0)
@@ -164,11 +170,12 @@ class FakeOpenAI:
             return [r["prompt"] for r in self.requests]
 
 
-def model_prompt_logprobs(model, memo: bool = False) -> Callable[[list[int], int], list]:
+def model_prompt_logprobs(model, memo: bool = False, logit_dtype=None) -> Callable[[list[int], int], list]:
     """``(ids, k) -> prompt_logprobs`` as vLLM's /v1/completions returns them, computed by ``model``
     (a causal LM): entry 0 is null; entry j maps token ids (strings) to ``{"logprob", "rank"}`` for
     the top-k of the distribution over token j, plus token j itself when it is not among them.
-    ``memo``: keep every answer (a server that costs no compute the second time, for benchmarks)."""
+    ``memo``: keep every answer (a server that costs no compute the second time, for benchmarks).
+    ``logit_dtype``: round the logits to this dtype first (a server computing in bfloat16)."""
     import torch
 
     lock = threading.Lock()
@@ -179,7 +186,8 @@ def model_prompt_logprobs(model, memo: bool = False) -> Callable[[list[int], int
             if (tuple(ids), k) in seen:
                 return seen[(tuple(ids), k)]
             with torch.no_grad():
-                lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+                logits = model(torch.tensor([ids])).logits[0]
+                lp = torch.log_softmax((logits.to(logit_dtype) if logit_dtype else logits).float(), -1)
             out: list = [None]
             for j in range(1, len(ids)):
                 row = lp[j - 1]

@@ -1,8 +1,10 @@
 """engine: vllm — the colocated student sampler and the teacher's offline engine, against a fake vllm.
 
-Real vLLM needs a CUDA GPU, so these tests run kdistill's vLLM code paths against
-``tests/fake_vllm`` (transformers underneath), which refuses what real vLLM would get wrong
-silently: generating with dummy weights, with a stale prefix cache, or while asleep.
+The default tests run kdistill's vLLM code paths against ``tests/fake_vllm`` (transformers
+underneath), which refuses what real vLLM would get wrong silently: generating with dummy weights,
+with a stale prefix cache, or while asleep; loading weights the way the CPU backend cannot take
+them; and it re-seeds the process as real vLLM does. ``make test-engines`` runs the same paths
+against the real vLLM CPU build (``tests/engines/``).
 """
 
 from __future__ import annotations
@@ -98,12 +100,13 @@ def test_vllm_samples_come_from_the_current_student(fake_vllm, tiny, tmp_path, s
     assert completions(out2, prompts) == greedy(student, tok, prompts, 6)
     new = engine.events[len(before):]
     if sleep:
-        assert new == ["wake_up:weights", "apply_model", "reset_prefix_cache", "wake_up:kv_cache", "generate", "sleep2"]
+        assert new == ["wake_up:weights", "reload_weights", "reset_prefix_cache", "wake_up:kv_cache", "generate",
+                       "sleep2"]
     else:
-        assert new == ["apply_model", "reset_prefix_cache", "generate"]
+        assert new == ["reload_weights", "reset_prefix_cache", "generate"]
 
     method.prepare_batch(batch, wrapper)  # no optimizer step in between: no reload (unless asleep)
-    assert engine.events.count("apply_model") == (3 if sleep else 2)
+    assert engine.events.count("reload_weights") == (3 if sleep else 2) and "apply_model" not in engine.events
     s = method.summary()
     assert s["engine"] == "vllm" and s["engine_generations"] == 3
 
@@ -205,3 +208,128 @@ def test_zephyr_feedback_candidates_sample_through_vllm(fake_vllm, tiny, tmp_pat
     assert all(torch.equal(sft[k], engine.calls[0]["state"][k]) for k in sft if k in engine.calls[0]["state"])
     rows = [json.loads(l) for l in (out / "zephyr" / "2-feedback" / "candidates.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(len(r["candidates"]) == 2 for r in rows)
+
+
+# -- weight sync paths, random state, dtype (issue 15) -----------------------------------------------
+
+
+def _one_student_batch(ctx, student, batch):
+    method = build_method("on_policy", ctx)
+    out = method.prepare_batch(batch, StudentLM(student))
+    return method, out
+
+
+@pytest.mark.parametrize("has_reload, repacks, works", [(False, False, True), (False, True, False)])
+def test_weight_sync_falls_back_or_fails_in_one_line(fake_vllm, tiny, tmp_path, monkeypatch, has_reload, repacks, works):
+    """An older engine without reload_weights loads through load_weights; one that takes neither
+    (its weights repacked after loading, as vLLM's CPU backend does) stops with one line."""
+    monkeypatch.setattr(fake_vllm.LLM, "has_reload", has_reload)
+    monkeypatch.setattr(fake_vllm.LLM, "repacks", repacks)
+    ctx, student, tok, renderer, rows, batch = context(tiny, tmp_path, **{"lambda": 1.0, "temperature": 0.0,
+                                                                           "max_new_tokens": 4, "engine": "vllm"})
+    if works:
+        method, out = _one_student_batch(ctx, student, batch)
+        prompts = [renderer.prompt_ids(e) for e in rows]
+        assert completions(out, prompts) == greedy(student, tok, prompts, 4)
+        assert method.summary()["engine_weight_sync"] == "load_weights"
+        return
+    from kdistill.vllm_engine import EngineError
+
+    with pytest.raises(EngineError) as e:
+        _one_student_batch(ctx, student, batch)
+    msg = str(e.value)
+    assert "\n" not in msg and "engine: vllm (vLLM 0.0-fake)" in msg and "weight_loader" in msg
+
+
+def test_weight_sync_failure_is_one_line_from_the_cli(fake_vllm, tiny, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    monkeypatch.setattr(fake_vllm.LLM, "has_reload", False)
+    cfg = fast(tiny, tmp_path / "o", method="on_policy", train={"max_steps": 1},
+               on_policy={"lambda": 1.0, "max_new_tokens": 3, "engine": "vllm"})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    rc = main(["run", str(tmp_path / "c.yaml"), "--no-progress"])
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("kdistill: error:")]
+    assert rc == 2 and len(err) == 1 and "on_policy.engine: engine: vllm (vLLM 0.0-fake)" in err[0]
+
+
+def test_engine_calls_keep_the_process_random_state_and_threads(fake_vllm, tiny, tmp_path):
+    """vLLM re-seeds the process and sets one thread when it starts, and samples from the global
+    generator: none of that reaches the training process."""
+    import random
+
+    import numpy as np
+
+    ctx, student, tok, renderer, rows, batch = context(tiny, tmp_path, **{"lambda": 1.0, "temperature": 1.0,
+                                                                           "max_new_tokens": 4, "engine": "vllm"})
+    threads = torch.get_num_threads()
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    want = draws()
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    _one_student_batch(ctx, student, batch)  # starts the engine, loads weights, samples at temperature 1
+    assert fake_vllm.ENGINES and fake_vllm.ENGINES[0].calls  # the engine really ran
+    assert draws() == want and torch.get_num_threads() == threads
+
+
+def _schedule(out):
+    return [json.loads(l)["on_policy"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_on_policy_schedule_is_the_same_with_either_engine_and_across_a_resume(fake_vllm, tiny, tmp_path, monkeypatch):
+    """lambda 0.5 at temperature 1: which batches are sampled from the student depends on the seed
+    and the batch, not on the engine (which re-seeds the process) nor on a crash and resume."""
+    from conftest import Crash, crash_at_loss
+
+    common = dict(method="on_policy", train={"max_steps": 8, "batch_size": 4, "save_every": 2},
+                  on_policy={"lambda": 0.5, "temperature": 1.0, "max_new_tokens": 3})
+    run(load_config(base=fast(tiny, tmp_path / "hf", **common)), progress=False)  # engine: transformers
+    want = _schedule(tmp_path / "hf")
+    assert 0.0 in want and 1.0 in want
+
+    cfg = fast(tiny, tmp_path / "resumed", **{**common, "on_policy": {**common["on_policy"], "engine": "vllm"}})
+    crash_at_loss(monkeypatch, 5)
+    with pytest.raises(Crash):
+        run(load_config(base=cfg), progress=False)
+    monkeypatch.undo()
+    for v in LAUNCH_VARS:  # as after a restart
+        monkeypatch.delenv(v, raising=False)
+    rep = run(load_config(base=cfg), progress=False)
+    assert rep["training"]["resumed_from"] == 4
+    assert _schedule(tmp_path / "resumed") == want
+    # after the resume the engine sampled exactly the student batches of steps 5-8
+    assert rep["method_summary"]["engine_generations"] == want[4:].count(1.0)
+
+
+@pytest.mark.parametrize("asked, mixed, engine_dtype, note", [
+    ("auto", "no", "float32", False), ("bfloat16", "no", "bfloat16", True), ("auto", "bf16", "bfloat16", False),
+    ("float32", "no", "float32", False)])
+def test_engine_dtype_follows_the_student(tiny, asked, mixed, engine_dtype, note):
+    from kdistill.config import VllmConfig
+    from kdistill.models import load_model
+    from kdistill.vllm_engine import engine_dtype as pick
+
+    student, _ = load_model(str(tiny / "student"))
+    got, why = pick(VllmConfig(dtype=asked), student, mixed)
+    assert got == engine_dtype and (why is not None) == note
+    if note:
+        assert "approximately on-policy" in why and "float32" in why
+
+
+def test_a_float32_student_samples_from_a_float32_engine_unless_asked(fake_vllm, tiny, tmp_path):
+    out = tmp_path / "run"
+    cfg = fast(tiny, out, method="on_policy", train={"max_steps": 1},
+               on_policy={"lambda": 1.0, "max_new_tokens": 3, "engine": "vllm"})
+    rep = run(load_config(base=cfg), progress=False)
+    assert fake_vllm.ENGINES[-1].kwargs["dtype"] == "float32"
+    s = rep["method_summary"]
+    assert s["engine_dtype"] == "float32" and "engine_dtype_note" not in s and s["engine_weight_sync"] == "reload_weights"
+    cfg = fast(tiny, tmp_path / "bf16", method="on_policy", train={"max_steps": 1}, vllm={"dtype": "bfloat16"},
+               on_policy={"lambda": 1.0, "max_new_tokens": 3, "engine": "vllm"})
+    rep = run(load_config(base=cfg), progress=False)
+    assert fake_vllm.ENGINES[-1].kwargs["dtype"] == "bfloat16"
+    saved = json.loads((tmp_path / "bf16" / "report.json").read_text())["method_summary"]
+    assert saved["engine_dtype"] == "bfloat16" and "approximately on-policy" in saved["engine_dtype_note"]

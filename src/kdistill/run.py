@@ -37,6 +37,8 @@ from kdistill.methods import build_method, method_class, method_names
 from kdistill.methods.base import RunContext
 from kdistill.models import StudentLM, check_vocab, count_params, output_vocab_size, tokenizer_fingerprint
 from kdistill.report import build_report, model_card, write_report
+from kdistill.sharding import describe as describe_sharding
+from kdistill.sharding import prepare_teacher, shards_models, whole_student
 from kdistill.stages import StageRunner
 from kdistill.runfolder import LEGACY, LOCK
 from kdistill.runfolder import prepare as prepare_run_folder
@@ -204,6 +206,8 @@ class Run:
     def build_teacher(self) -> None:
         """The teacher object (from the kind registry), checked against what the method needs."""
         cfg, needs = self.cfg, self.method_cls.teacher_needs(self.cfg)
+        if self.training and self.t_model is not None:  # inference only; sharded like the student under FSDP2/ZeRO-3
+            self.t_weights = (prepare_teacher(self.t_model, self.acc, primary_teacher(cfg).placement), self.t_weights[1])
         env = BuildEnv(cfg=cfg, tokenizer=self.tokenizer, vocab_size=self.vocab_size, features=self.feats,
                        device=self.device, say=self.say, weights=self.t_weights, student=self.student,
                        primary=primary_teacher(cfg), needs=needs, method=cfg.method)
@@ -297,6 +301,9 @@ class Run:
                                 self.vocab_size, cfg.eval.batch_size)
             curriculum = (cfg.curriculum, scores)
         keeper = None
+        if cfg.eval.every and shards_models(acc):
+            raise ConfigError("eval.every: not available under FSDP2 / DeepSpeed ZeRO-3 (the student is sharded while "
+                              "it trains); the final figures are still measured")
         if cfg.eval.every:
             keeper = BestKeeper(cfg.eval.select_best, lambda s: self._student_figures(s)["metrics"], self.out, self.say,
                                 fresh=latest_checkpoint(self.out / "checkpoints") is None)
@@ -305,7 +312,7 @@ class Run:
                            cfg.train, self.out, accelerator=acc, progress=self.progress, curriculum=curriculum,
                            evaluator=(cfg.eval.every, keeper) if keeper is not None else None, interrupt=guard,
                            say=self.say)
-        self.student = acc.unwrap_model(wrapper).model
+        self.student = whole_student(acc, wrapper, acc.unwrap_model(wrapper).model)  # gathered when sharded
         if result.resumed_from is not None:
             self.say(f"resumed from the checkpoint at step {result.resumed_from} of {result.steps}"
                      + (" (training was already complete)" if result.resumed_from == result.steps else ""))
@@ -315,6 +322,8 @@ class Run:
                     "planned_steps": result.planned_steps}
         if curriculum is not None:
             training["curriculum"] = describe(cfg.curriculum, curriculum[1], result.steps)
+        if shards_models(acc):
+            training["sharding"] = describe_sharding(acc, self.t_model)
         if keeper is not None:
             self.student = keeper.select(self.student, training)
         self.training_summary = training
@@ -326,7 +335,8 @@ class Run:
             self.t_weights = load_teacher_weights(self.cfg, self.say, with_tokenizer=True)
             self.t_model.to(self.device)
         self.final_ev = self._student_figures(self.student)
-        self.speed = self._speed() if self.acc.is_main_process else {}
+        # a sharded teacher gathers its weights in every forward: then every process measures
+        self.speed = self._speed() if self.acc.is_main_process or shards_models(self.acc) else {}
         self.trust.final()
 
     def _speed(self) -> dict:

@@ -88,7 +88,8 @@ def make_sampler(engine: str, key: str, ctx, model: nn.Module, batch_size: int):
     """The student sampler a method's ``engine`` setting asks for (``key`` names it in errors)."""
     if engine == "vllm":
         return VllmSampler(model, ctx.tokenizer, Path(ctx.output_dir) / "vllm_student", ctx.cfg.vllm, key,
-                           seed=ctx.cfg.train.seed, max_model_len=ctx.cfg.data.max_length)
+                           seed=ctx.cfg.train.seed, max_model_len=ctx.cfg.data.max_length,
+                           mixed_precision=ctx.cfg.train.mixed_precision)
     return HFSampler(ctx.tokenizer, batch_size)
 
 

@@ -32,3 +32,9 @@ class Section(BaseModel):
         if isinstance(value, bool) and field is not None and _takes_int(field.annotation):
             raise ValueError(f"expected a number, got {str(value).lower()}")
         return value
+
+
+#: for a section with a key that is a Python keyword (``lambda``, ``from``): the field is named
+#: ``lambda_`` / ``from_`` with the keyword as its alias; YAML and dumps use the keyword.
+ALIASED = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, validate_by_name=True,
+                     validate_by_alias=True, serialize_by_alias=True)

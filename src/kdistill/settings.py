@@ -18,7 +18,7 @@ from kdistill.answers import GenerateConfig
 from kdistill.eval_settings import BenchmarksConfig, JudgeSettings, ReportConfig, check_answer_regex
 from kdistill.filters import FiltersConfig, JudgeConfig  # noqa: F401  (re-exported)
 from kdistill.losses.divergences import registered as divergence_names
-from kdistill.section import Section
+from kdistill.section import ALIASED, Section
 from kdistill.topk_cache import CacheConfig
 
 LAYER_SELECTIONS = ("uniform", "first", "last", "first_last", "importance")
@@ -68,6 +68,9 @@ class TeacherConfig(Section):
     engine: Literal["transformers", "vllm"] = Field(
         "transformers", description="how a local teacher.model generates text (vllm: optional extra, GPU)"
     )
+    placement: Literal["auto", "replicated"] = Field(
+        "auto", description="under FSDP2 / DeepSpeed ZeRO-3: auto = sharded like the student (inference only), "
+        "replicated = a full copy on every process")
     kind: Optional[str] = Field(
         None, description="the teacher kind that serves this section (a registered kdistill.teachers kind); "
         "none = chosen from model / cache / api"
@@ -78,14 +81,19 @@ class TeacherConfig(Section):
     def _one_signal(self) -> "TeacherConfig":
         if self.api is not None and self.api.logprobs is not None and (self.model is not None or self.cache is not None):
             raise ValueError("api.logprobs: the served teacher gives the signal; give it without model or cache "
-                             "(and the student as student.model)")
+                             "(and the student as student.model, or cut from a local copy with student.init.from)")
         return self
 
 
 class StudentInit(Section):
-    """Build the student by cutting layers out of the teacher."""
+    """Build the student by cutting layers out of the teacher (or out of ``from``: a local copy of a
+    served teacher's weights)."""
+
+    model_config = ALIASED
 
     from_teacher: bool = True
+    from_: Optional[str] = Field(None, alias="from", description="cut from this model (folder, hub id, .gguf) instead "
+                                 "of teacher.model: a local copy of the weights of a teacher served over HTTP")
     num_layers: Optional[int] = Field(None, ge=1)
     layer_selection: Union[Literal["uniform", "first", "last", "first_last", "importance"], list[int]] = "uniform"
     importance_samples: int = Field(32, ge=1, description="training rows used to score block importance")
@@ -112,8 +120,8 @@ class StudentConfig(Section):
             raise ValueError("set either student.model or student.init")
         if self.model is not None and self.init is not None:
             raise ValueError("set only one of student.model and student.init")
-        if self.init is not None and not self.init.from_teacher:
-            raise ValueError("student.init.from_teacher must be true (or give student.model)")
+        if self.init is not None and not self.init.from_teacher and self.init.from_ is None:
+            raise ValueError("student.init.from_teacher must be true (or give student.init.from, or student.model)")
         return self
 
 
@@ -325,15 +333,17 @@ class VllmConfig(Section):
     / ``zephyr.engine`` for sampling from the student being trained). Optional extra: ``pip install 'kdistill[vllm]'``.
 
     A student engine is *colocated*: it runs in the training process, on the same GPU, and is given
-    the student's current weights (``load_weights``) before every generation that follows an
-    optimizer step. One engine per training process (tensor parallel size 1).
+    the student's current weights (vLLM's ``reload_weights``) before every generation that follows
+    an optimizer step. One engine per training process (tensor parallel size 1).
     """
 
     gpu_memory_utilization: float = Field(
         0.3, gt=0.0, le=1.0, description="share of the GPU vLLM may take (weights + KV cache); the rest is training's"
     )
     max_model_len: Optional[int] = Field(None, ge=16, description="longest prompt + completion; none = data.max_length")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="the engine's weight dtype")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="the engine's dtype; auto = a student engine computes in the student's compute dtype "
+        "(another value: as asked, and the report names the mismatch), a teacher engine in the model's")
     enable_sleep_mode: bool = Field(
         False, description="free the engine's GPU memory (weights and KV cache) while the student trains"
     )

@@ -88,12 +88,18 @@ def build_student(cfg, t_weights, renderer_for: Callable, train_rows: list[Examp
     if sc.model is not None:
         model, tok = load_model(sc.model, "student.model", sc.dtype, sc.revision, sc.trust_remote_code)
         student, name, layers = model, sc.model, None
+    elif sc.init.from_ is not None:  # a local copy of the (e.g. served) teacher's weights
+        src = load_model(sc.init.from_, "student.init.from", "float32", None, sc.trust_remote_code)
+        student, layers, name = cut_from_teacher(cfg, src[0], src[1], renderer_for(src[1]), train_rows, output_dir, say,
+                                                 sc.init.from_)
+        tok = src[1]
+        del src
     else:
         if t_weights is None:
             if teacher_is is not None:
                 raise ConfigError(
                     f"student.model: required when the teacher is only {teacher_is} (student.init cuts the student "
-                    "from the teacher's weights: give teacher.model too, or a student.model)")
+                    "from the teacher's weights: give student.init.from (a local copy of them), or a student.model)")
             raise ConfigError("student.init: cutting a student needs a local teacher.model; give teacher.model, "
                               "or a student.model")
         teacher, tok = t_weights

@@ -79,6 +79,9 @@ class CacheConfig(Section):
     top_k: int = Field(64, ge=1, le=4096, description="tokens kept per position (the rest is one tail bucket)")
     shard_size: int = Field(256, ge=1, description="rows per shard (the unit of resumption)")
     batch_size: int = Field(8, ge=1, description="rows per teacher forward pass")
+    accept_teacher_change: bool = Field(
+        False, description="extend a cache although its served teacher now reports another identity (model root, "
+        "max_model_len, version, measured log-prob dtype): the cache then mixes two teachers")
 
 
 class CacheError(KDistillError):

@@ -154,6 +154,7 @@ def train(
     # The schedule counts optimizer steps of the whole run (total_steps is already global), so it is
     # not handed to accelerate.prepare: its wrapper would step it once per process per step.
     model, optimizer = acc.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 swaps in sharded parameters: clip those
     acc.register_for_checkpointing(scheduler)
 
     # ---- resume -------------------------------------------------------------------------------
@@ -193,7 +194,9 @@ def train(
                 if rows is None:
                     epoch, j = divmod(g, per_epoch)
                     rows = _epoch_batches(len(features), tcfg.batch_size, tcfg.seed, epoch)[j]
-                yield _move(collate_fn([features[k] for k in rows]), acc.device)
+                batch = _move(collate_fn([features[k] for k in rows]), acc.device)
+                batch["micro_batch"] = g  # global index: a method's per-batch draws key on it (same after a resume)
+                yield batch
             g += 1
 
     stream = micro_batches(cursor)

@@ -28,9 +28,11 @@ from kdistill.models import count_params, load_model, load_tokenizer, output_voc
 from kdistill.splits import read_rows
 from kdistill.store import atomic_write, check_own_folder, exclusive, read_json
 from kdistill.teachers import HeldOut, LocalTeacher, ServedTeacher
+from kdistill.teachers.served import PROBE
+from kdistill.teachers.served_identity import identity_mismatch, served_identity
 from kdistill.teachers.text import answered_figures
-from kdistill.topk_cache import (FORMAT, LOCK, LOGPROB_SCALE, TEACHER_EVAL_FILE, VERSION, TopKCache, append_shard,
-                                 cached_positions, id_bytes, open_for_writing, token_hash)
+from kdistill.topk_cache import (FORMAT, LOCK, LOGPROB_SCALE, TEACHER_EVAL_FILE, VERSION, CacheError, TopKCache,
+                                 append_shard, cached_positions, id_bytes, open_for_writing, token_hash, write_manifest)
 
 log = logging.getLogger("kdistill")
 
@@ -104,6 +106,9 @@ def _fill(cfg, path: Path, meta: dict, teacher, tok, vocab: int, k: int, rows, d
     renderer = Renderer(tok, cfg.data.max_length, cfg.data.system_prompt, cfg.data.chat_template)
     feats, n_empty = encode_examples(renderer, rows)
     todo = [f for f in feats if f["id"] not in done]
+    if served and todo:  # a cache holds one teacher's signal: the same server identity, or a clear refusal
+        _check_same_server(path, manifest, served_identity(teacher, tok, PROBE), cfg.cache.accept_teacher_change,
+                           say)
     n_tok_todo = sum(cached_positions(f) for f in todo)
     if done:
         say(f"cache: resuming: {len(feats) - len(todo)} of {len(feats)} rows already cached in {path}")
@@ -143,6 +148,26 @@ def _fill(cfg, path: Path, meta: dict, teacher, tok, vocab: int, k: int, rows, d
     if served:
         stats["api"] = teacher.summary()
     return stats
+
+
+def _check_same_server(path: Path, manifest: dict, now: dict, accept: bool, say) -> None:
+    """Record the served teacher's identity in a new cache's manifest; refuse to extend a cache made
+    from a server that now reports or measures differently (unless ``accept``)."""
+    say(f"cache: served teacher {now['root'] or now['model']}, vLLM {now['version'] or '?'}, log-probs computed in "
+        f"{now['logprob_dtype']}")
+    old = manifest.get("served")
+    why = identity_mismatch(old, now) if old is not None else None
+    if why is not None and not accept:
+        raise CacheError(f"cache.path: {path} was made from another served teacher: {why}; use a new cache.path, "
+                         "or set cache.accept_teacher_change: true to extend it anyway")
+    if why is not None:
+        say(f"cache: the served teacher changed ({why}); extending the cache anyway (cache.accept_teacher_change)")
+        manifest.setdefault("served_changes", []).append(now)
+    elif old is None and manifest["shards"]:
+        say("cache: made before served teachers' identities were recorded; recording this server's")
+    if old is None:
+        manifest["served"] = now
+    write_manifest(path, manifest)
 
 
 def _teacher_eval(cfg, teacher, tok, vocab: int, path: Path, device, say) -> Optional[dict]:

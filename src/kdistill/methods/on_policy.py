@@ -14,22 +14,27 @@ the student learns when to stop) and whatever the generator produced after it is
 hard-label (cross-entropy) term, if ``loss.alpha < 1``, is not applied to student samples (it would
 reinforce the student's own guesses); it stays on dataset and teacher-sampled batches.
 
-The draw uses the global torch RNG, which the trainer's checkpoints save and restore. With
-``lambda: 0`` (and ``seq_kd: false``) no draw is made and the method is ``logit`` batch for batch.
+Each draw is its own seeded generator, keyed by ``train.seed`` and the micro-batch's global index
+(``batch["micro_batch"]``, set by the trainer): the schedule of student-sampled batches does not
+depend on the engine (a vLLM engine re-seeds the process; transformers' sampling draws from the
+global generator), on the number of processes, or on a resume. With ``lambda: 0`` (and ``seq_kd:
+false``) no draw is made and the method is ``logit`` batch for batch.
 """
 
 from __future__ import annotations
 
+import random
 from typing import Literal
 
 import torch
-from pydantic import ConfigDict, Field
+from pydantic import Field
 
 from kdistill.data import collate, completion_feature
 from kdistill.methods.base import RunContext, register
 from kdistill.methods.logit import LogitMethod
 from kdistill.models import eos_ids, hf_model
 from kdistill.sampling import make_sampler, sample_completions
+from kdistill.section import ALIASED
 from kdistill.settings import ENGINE_DESCRIPTION, Section
 from kdistill.vllm_engine import import_vllm
 
@@ -43,8 +48,7 @@ class OnPolicyConfig(Section):
     ``loss.divergence`` defaults to ``jsd`` and ``loss.alpha`` to 1.0 unless set).
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_by_name=True,
-                              validate_by_alias=True, serialize_by_alias=True)
+    model_config = ALIASED
 
     lambda_: float = Field(0.5, ge=0.0, le=1.0, alias="lambda",
                            description="probability that a batch is sampled from the student (0 = method: logit)")
@@ -70,6 +74,7 @@ class OnPolicyMethod(LogitMethod):
         self.looks_ahead = False  # which sequences a step trains on is decided when it is prepared
         oc = ctx.cfg.on_policy
         self.lam = float(oc.lambda_)
+        self.seed = ctx.cfg.train.seed
         self.seq_kd = bool(oc.seq_kd)
         self.temperature = float(oc.temperature)
         self.max_new_tokens = int(oc.max_new_tokens)
@@ -91,12 +96,14 @@ class OnPolicyMethod(LogitMethod):
 
     # -- batches ------------------------------------------------------------------------------
 
-    def _draw(self) -> bool:
+    def _draw(self, batch: dict) -> bool:
+        """Whether this micro-batch is sampled from the student (see the module doc)."""
         if self.lam <= 0.0:
             return False
         if self.lam >= 1.0:
             return True
-        return bool(torch.rand(()) < self.lam)
+        index = batch.get("micro_batch", self.counts["batches"])  # outside the trainer: this method's own count
+        return random.Random(f"{self.seed}:on_policy:{index}").random() < self.lam
 
     def sampled_batch(self, batch: dict, generator, source: str) -> dict:
         """The batch's prompts with completions sampled from ``generator`` (a causal LM): the
@@ -126,8 +133,9 @@ class OnPolicyMethod(LogitMethod):
         return out
 
     def prepare_batch(self, batch: dict, model) -> dict:
+        student = self._draw(batch)
         self.counts["batches"] += 1
-        if self._draw():
+        if student:
             self.counts["student"] += 1
             batch = self.sampled_batch(batch, model, "student")
         elif self.seq_kd:

@@ -11,6 +11,7 @@ from kdistill.data import IGNORE_INDEX
 from kdistill.errors import ConfigError, ModelError
 from kdistill.models import (block_outputs, check_vocab, count_params, decoder_states, final_hidden, load_model,
                              supports_hidden, tokenizer_fingerprint)
+from kdistill.sharding import is_sharded
 from kdistill.teachers.base import Teacher, TeacherSignal, register_teacher
 
 
@@ -68,7 +69,7 @@ class LocalTeacher(Teacher):
         self.vocab_size = vocab_size
         self.name = name
         self.tokenizer = tokenizer
-        self.can_fuse = supports_hidden(model)
+        self.can_fuse = supports_hidden(model) and not is_sharded(model)  # a sharded head exists only in its forward
 
     @classmethod
     def accepts(cls, spec) -> bool:

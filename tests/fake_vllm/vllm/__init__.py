@@ -9,7 +9,13 @@ wrong), so a test fails where real vLLM would misbehave:
 * after a weight load, generating before ``reset_prefix_cache()`` would reuse KV blocks computed
   with the old weights: this fake raises instead;
 * ``sleep(level=2)`` discards weights and KV cache: generating before waking up raises, and after
-  ``wake_up(tags=["weights"])`` the weights are garbage until loaded again.
+  ``wake_up(tags=["weights"])`` the weights are garbage until loaded again;
+* like vLLM 0.32's CPU backend, the engine repacks its weights after loading (``repacks``): then
+  ``model.load_weights`` through ``apply_model`` fails (``'Parameter' object has no attribute
+  'weight_loader'``) and only ``collective_rpc("reload_weights", kwargs={"weights_iterator": ...})``
+  takes new weights (``has_reload = False`` mimics an older worker without it);
+* creating an engine re-seeds the process (python, numpy, torch, as vLLM's "The global random seed
+  is set to N") and sets torch to one thread; sampling draws from torch's global generator.
 
 Every engine built is kept in ``ENGINES`` (tests inspect them). Only the API surface is mimicked,
 not vLLM's scheduling or speed.
@@ -18,9 +24,11 @@ not vLLM's scheduling or speed.
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 __version__ = "0.0-fake"
@@ -62,8 +70,14 @@ class _EngineModel:
     def __init__(self, hf):
         self.hf = hf
         self.version = 0  # weight loads so far
+        self.repacked = False  # True once the engine has processed its weights after loading (CPU backend)
 
     def load_weights(self, weights) -> set:
+        if self.repacked:
+            raise AttributeError("'Parameter' object has no attribute 'weight_loader'")
+        return self._load(weights)
+
+    def _load(self, weights) -> set:
         params = dict(self.hf.named_parameters())
         tied = getattr(self.hf.config, "tie_word_embeddings", False)
         loaded = set()
@@ -81,6 +95,8 @@ class _EngineModel:
 
 class LLM:
     drop_stop_token = False  # True: token_ids leave out a stop token id (stop_reason names it), as some versions do
+    repacks = True  # the weights are repacked after loading: apply_model(load_weights) fails afterwards
+    has_reload = True  # the worker has reload_weights(weights_iterator=...)
 
     def __init__(self, model: str, *, seed: int = 0, load_format: str = "auto", trust_remote_code: bool = False,
                  distributed_executor_backend: Optional[str] = None, enable_sleep_mode: bool = False, **kwargs):
@@ -103,7 +119,14 @@ class LLM:
             hf = AutoModelForCausalLM.from_pretrained(model)
         hf.eval()
         self.model = _EngineModel(hf)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.model.repacked = self.repacks
+        self.dtype = kwargs.get("dtype", "auto")
+        if self.dtype not in ("auto", None):
+            hf.to(getattr(torch, self.dtype))
+        random.seed(seed)  # what vLLM does to the process it runs in
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        torch.set_num_threads(1)
         self.enable_sleep_mode = enable_sleep_mode
         self.asleep: set = set()  # "weights", "kv_cache" while discarded
         self.cache_version: Optional[int] = None  # weights version the cached KV blocks were computed with
@@ -116,6 +139,16 @@ class LLM:
         assert "weights" not in self.asleep, "apply_model on sleeping weights"
         self.events.append("apply_model")
         return [func(self.model)]
+
+    def collective_rpc(self, method: str, timeout=None, args: tuple = (), kwargs: Optional[dict] = None) -> list:
+        """What the in-process worker does: here only ``reload_weights(weights_iterator=...)``."""
+        if method != "reload_weights" or not self.has_reload:
+            raise AttributeError(f"'CPUWorker' object has no attribute '{method}'")
+        assert "weights" not in self.asleep, "reload_weights on sleeping weights"
+        self.events.append("reload_weights")
+        self.model._load((kwargs or {})["weights_iterator"])
+        self.model.repacked = self.repacks
+        return [None]
 
     def reset_prefix_cache(self, *a, **k) -> bool:
         self.events.append("reset_prefix_cache")
@@ -157,7 +190,7 @@ class LLM:
                         t = int(logits.argmax())
                     else:
                         probs = torch.softmax(logits / sp.temperature, -1)
-                        t = int(torch.multinomial(probs, 1, generator=self.generator))
+                        t = int(torch.multinomial(probs, 1))  # the global generator, as vLLM's sampler
                     new.append(t)
                     ids = torch.cat([ids, torch.tensor([[t]])], 1)
                     if t in eos and len(new) >= sp.min_tokens:
