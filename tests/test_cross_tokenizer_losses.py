@@ -40,6 +40,14 @@ def _sorted_l1_64(a, b):
     return sum(abs(x - y) for x, y in zip(a, b))
 
 
+def _merged64(p, first, logc):
+    """(p(text), vector with the first token's entry p(first)·(1 − c))."""
+    c = math.exp(logc)
+    v = list(p)
+    v[first] = p[first] * (1.0 - c)
+    return p[first] * c, v
+
+
 def reference(kind, logits, labels, tgt, classes, divergence="forward_kl", T=1.0, w=0.0, beta=0.5):
     """The loss in float64 Python arithmetic, span by span and class by class."""
     V = logits.shape[-1]
@@ -49,19 +57,26 @@ def reference(kind, logits, labels, tgt, classes, divergence="forward_kl", T=1.0
     total = 0.0
     for k, first in enumerate(tgt.s_first.tolist()):
         s_c = sum(s_lp1(r, lab[r]) for r, sp in zip(tgt.s_cont.tolist(), tgt.cont_span.tolist()) if sp == k)
-        t_c = float(tgt.t_logc[k])
-        ps = [x * math.exp(s_c) for x in _softmax64(z[first], T)]
-        pt = [x * math.exp(t_c) for x in _softmax64(tgt.t_logp[k].double().tolist(), T)]
+        es, vs = _merged64(_softmax64(z[first], T), lab[first], s_c)
+        et, vt = _merged64(_softmax64(tgt.t_logp[k].double().tolist(), T), int(tgt.t_token[k]), float(tgt.t_logc[k]))
         if kind == "uld":
-            d = _sorted_l1_64(pt, ps)
+            d = _sorted_l1_64([et] + vt, [es] + vs)
         else:
             sc, tc = classes.student.tolist(), classes.teacher.tolist()
-            bt = [sum(pt[i] for i in range(len(pt)) if tc[i] == c) for c in range(classes.n)]
-            bs = [sum(ps[i] for i in range(len(ps)) if sc[i] == c) for c in range(classes.n)]
-            bt.append(1.0 - sum(bt))
-            bs.append(1.0 - sum(bs))
-            d = _div64(divergence, [max(x, 0.0) for x in bt], [max(x, 1e-300) for x in bs], beta)
-            d += _sorted_l1_64([pt[i] for i in range(len(pt)) if tc[i] < 0], [ps[i] for i in range(len(ps)) if sc[i] < 0])
+            bt = [et] + [sum(vt[i] for i in range(len(vt)) if tc[i] == c) for c in range(classes.n)]
+            bs = [es] + [sum(vs[i] for i in range(len(vs)) if sc[i] == c) for c in range(classes.n)]
+            # the class whose string is the span's text (a one-token side's token) joins "the text"
+            t_single = not bool(tgt.t_multi[k]) if tgt.t_multi is not None else float(tgt.t_logc[k]) == 0.0
+            s_single = k not in tgt.cont_span.tolist()
+            for text in {sc[lab[first]] if s_single else -1, tc[int(tgt.t_token[k])] if t_single else -1}:
+                if text >= 0:
+                    for bins in (bt, bs):
+                        bins[0] += bins[1 + text]
+                        bins[1 + text] = 0.0
+            bt.append(sum(vt[i] for i in range(len(vt)) if tc[i] < 0))
+            bs.append(sum(vs[i] for i in range(len(vs)) if sc[i] < 0))
+            d = _div64(divergence, bt, bs, beta)
+            d += _sorted_l1_64([vt[i] for i in range(len(vt)) if tc[i] < 0], [vs[i] for i in range(len(vs)) if sc[i] < 0])
         total += (1 - w) * T * T * d
     ce = -sum(s_lp1(r, y) for r, y in enumerate(lab) if y != -100)
     return (total + w * ce) / sum(1 for y in lab if y != -100)
@@ -80,9 +95,10 @@ def _case(seed=0, Vs=7, Vt=9, H=5):
     cont = torch.tensor([3, 10, 11])
     cont_span = torch.tensor([1, 4, 4])
     t_logp = torch.log_softmax(torch.randn(5, Vt, generator=g) * 2, -1)
+    t_token = torch.tensor([2, 0, 7, 5, 1])
     t_logc = torch.tensor([0.0, -0.7, 0.0, 0.0, -1.9])
     classes = VocabClasses(torch.tensor([0, 1, -1, 2, 3, -1, 4]), torch.tensor([1, -1, 0, 3, -1, 2, 4, -1, -1]), 5)
-    tgt = CrossTarget(first, cont, cont_span, t_logp, t_logc, classes)
+    tgt = CrossTarget(first, cont, cont_span, t_logp, t_token, t_logc, classes)
     return hidden, weight, labels, tgt, classes
 
 
@@ -130,7 +146,7 @@ def test_mapped_loss_with_identical_tokenizers_is_the_ordinary_divergence(diverg
     t_logp = torch.log_softmax(t_logits.reshape(-1, V)[keep], -1)
     ids = torch.arange(V)
     tgt = CrossTarget(keep, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), t_logp,
-                      torch.zeros(keep.numel()), VocabClasses(ids, ids, V))
+                      labels.reshape(-1)[keep], torch.zeros(keep.numel()), VocabClasses(ids, ids, V))
     got = cross_tokenizer_loss("gold", labels, tgt, logits=s_logits, divergence=divergence, temperature=2.0,
                                hard_label_weight=0.2)
     want = distill_loss(s_logits, t_logits, labels, divergence=divergence, temperature=2.0, hard_label_weight=0.2)
@@ -144,8 +160,29 @@ def test_uld_is_zero_for_permuted_equal_distributions_and_positive_otherwise():
     """ULD ignores which token carries which probability (it compares sorted vectors)."""
     p = torch.tensor([[0.1, 2.0, -1.0, 0.5]])
     tgt = CrossTarget(torch.tensor([0]), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
-                      torch.log_softmax(p[:, [2, 0, 3, 1]], -1), torch.zeros(1))
+                      torch.log_softmax(p[:, [2, 0, 3, 1]], -1), torch.tensor([3]), torch.zeros(1))
     labels = torch.tensor([[1]])
     assert float(cross_tokenizer_loss("uld", labels, tgt, logits=p.unsqueeze(0))) == pytest.approx(0.0, abs=1e-7)
     tgt.t_logp = torch.log_softmax(torch.tensor([[3.0, 0.0, 0.0, 0.0, 0.0, 0.0]]), -1)  # another vocabulary size
     assert float(cross_tokenizer_loss("uld", labels, tgt, logits=p.unsqueeze(0))) > 0.1
+
+
+def test_a_span_the_teacher_covers_in_one_token_asks_the_student_for_the_text():
+    """Teacher tokens ``ab``, ``a``, ``b`` (p = 0.9, 0.05, 0.05); student tokens ``a``, ``b``: the span
+    "ab" is one teacher token and two student tokens. The loss raises the student's p(b | a) until
+    p(a)·p(b | a) = 0.9, where it is 0 (the merged distributions agree bin for bin)."""
+    labels = torch.tensor([[0, 1]])  # the student's span: a, then b
+    t_logp = torch.log(torch.tensor([[0.9, 0.05, 0.05]]))
+    classes = VocabClasses(torch.tensor([0, 1]), torch.tensor([-1, 0, 1]), 2)
+    tgt = CrossTarget(torch.tensor([0]), torch.tensor([1]), torch.tensor([0]), t_logp, torch.tensor([0]),
+                      torch.zeros(1), classes)
+    first = torch.log(torch.tensor([0.95, 0.05]))
+    for p_b, zero in ((0.5, False), (0.9 / 0.95, True)):
+        logits = torch.stack([first, torch.log(torch.tensor([1 - p_b, p_b]))]).unsqueeze(0).requires_grad_()
+        loss = cross_tokenizer_loss("gold", labels, tgt, logits=logits, num_items=1)
+        if zero:
+            assert float(loss) == pytest.approx(0.0, abs=1e-6)
+            continue
+        assert float(loss) > 0.1
+        loss.backward()
+        assert logits.grad[0, 1, 1] < 0 < logits.grad[0, 1, 0]  # gradient descent raises p(b | a)

@@ -8,7 +8,7 @@ from typing import Optional
 
 from kdistill.evaluate import HIGHER_IS_BETTER, retention
 
-METRIC_ORDER = ("accuracy", "perplexity", "kl_to_teacher", "top1_agreement")
+METRIC_ORDER = ("accuracy", "perplexity", "bits_per_byte", "kl_to_teacher", "top1_agreement")
 
 
 def _fmt(v) -> str:
@@ -87,6 +87,8 @@ def headline(rep: dict) -> str:
                 f"({s['metrics']['accuracy']:.1%} vs {t['metrics']['accuracy']:.1%}){share}.")
     if ret.get("perplexity") is not None:
         return f"Perplexity retention {ret['perplexity']:.2f} (teacher/student){share}."
+    if ret.get("bits_per_byte") is not None:
+        return f"Bits-per-byte retention {ret['bits_per_byte']:.2f} (teacher/student){share}."
     if "accuracy" in s["metrics"]:
         return (f"The student answers {s['metrics']['accuracy']:.1%} of the held-out rows correctly "
                 f"(teacher: not measured).")

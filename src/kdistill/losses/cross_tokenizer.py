@@ -2,23 +2,26 @@
 
 The two tokenizations of an answer are aligned into spans that cover the same characters
 (:mod:`kdistill.alignment`). For each span both models have read the same text, and their
-next-token distributions just before the span are compared. A span of several tokens on one side
-is *merged* (as in TRL's GOLD): that side's vector is its first-token distribution scaled by the
-probability of the rest of the span, ``m(y) = p(y) · Π p(actual later tokens)`` (the later factors
-at T = 1), a sub-probability vector whose mass is the probability of the span's text when ``y`` is
-its first token.
+next-token distributions just before the span are compared. When a side needs several tokens for
+the span, its first-token distribution ``p`` is *merged* with the rest of the span: the entry of the
+span's actual first token ``a`` is split into two events, "the span's text" (``p(a) · c``, with
+``c`` the probability of the span's later tokens, at T = 1) and "``a``, then something else"
+(``p(a) · (1 − c)``); every other token keeps ``p(y)``. The result is a distribution again, and
+"the span's text" is the same event for both models whatever their tokens (a one-token span has
+``c = 1``: nothing changes). Unlike TRL's GOLD, which scales the whole vector by ``c``, this never
+asks the student to lower a token it needs because the teacher covers the same text in fewer tokens.
 
 * ``uld`` (Universal Logit Distillation, Boizard et al. 2024): the L1 distance between the two
-  vectors sorted in decreasing order, the shorter one padded with zeros to the longer vocabulary:
-  ``Σ_i |sort(m_T)_i − sort(m_S)_i|`` — the Wasserstein-1 distance between the sorted vectors. It
-  needs no token correspondence, so it transfers confidence, not which token.
+  merged distributions sorted in decreasing order, the shorter one padded with zeros to the longer
+  vocabulary: ``Σ_i |sort(m_T)_i − sort(m_S)_i|`` — the Wasserstein-1 distance between the sorted
+  vectors. It needs no token correspondence, so it transfers confidence, not which token.
 * ``gold`` (vocabulary mapping + ULD for the rest): tokens whose strings are equal in both
   vocabularies form classes (:mod:`kdistill.vocab_match`; the two end-of-turn tokens are one
-  class). Both merged vectors are coarse-grained onto the classes plus one "rest" bin (everything
-  unmatched, and the ``1 − Σ m`` of a merged span), and the configured divergence
-  (``loss.divergence``) compares them; the unmatched tokens' vectors go through ULD as above. With
-  identical tokenizers every token is its own class and the rest bins are empty: the value is
-  exactly the ordinary divergence.
+  class). Both merged distributions are coarse-grained onto "the span's text", the classes and one
+  "rest" bin (every unmatched token), and the configured divergence (``loss.divergence``) compares
+  them; the unmatched tokens' probabilities go through ULD as above. With identical tokenizers
+  every token is its own class and the rest bins are empty: the value is exactly the ordinary
+  divergence.
 
 Both are multiplied by T² (temperature on both sides' first-token distributions) and, with
 ``hard_label_weight`` w, mixed as ``(1 − w)·Σ_spans + w·Σ_tokens CE``, divided by ``num_items``
@@ -41,7 +44,8 @@ from kdistill.losses.divergences import _divergence, _finite
 from kdistill.losses.likelihood import label_logprobs
 from kdistill.losses.tokens import LossSpec, _spec
 
-__all__ = ["CROSS_TOKENIZER_LOSSES", "CrossTarget", "VocabClasses", "cross_tokenizer_loss", "mapped_rows", "uld_rows"]
+__all__ = ["CROSS_TOKENIZER_LOSSES", "CrossTarget", "VocabClasses", "cross_tokenizer_loss", "mapped_rows", "merge",
+           "uld_rows"]
 
 CROSS_TOKENIZER_LOSSES = ("uld", "gold")
 
@@ -63,19 +67,20 @@ class CrossTarget:
     ``s_first`` ``[n]`` long: the flat student position (``b·seq + t``, label-aligned: the logits
     at t predict the span's first token) of each span; ``s_cont`` ``[m]`` long and ``cont_span``
     ``[m]`` long: the span's later student positions and their span; ``t_logp`` ``[n, V_t]``
-    float32: the teacher's log-probs (T = 1) before each span; ``t_logc`` ``[n]``: the teacher's
-    log-probability (T = 1) of the span's later tokens (0 for one token); ``classes``: the
-    vocabulary classes (``gold``); ``matched`` ``[n]``: the teacher's probability mass on matched
-    tokens before each span (for the report).
+    float32: the teacher's log-probs (T = 1) before each span; ``t_token`` ``[n]`` long: the
+    teacher's first token of each span; ``t_logc`` ``[n]``: the teacher's log-probability (T = 1)
+    of the span's later tokens (0 for one token); ``t_multi`` ``[n]`` bool: the teacher's span has
+    later tokens (None: where ``t_logc < 0``); ``classes``: the vocabulary classes (``gold``).
     """
 
     s_first: torch.Tensor
     s_cont: torch.Tensor
     cont_span: torch.Tensor
     t_logp: torch.Tensor
+    t_token: torch.Tensor
     t_logc: torch.Tensor
     classes: Optional[VocabClasses] = None
-    matched: Optional[torch.Tensor] = None
+    t_multi: Optional[torch.Tensor] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,9 +97,19 @@ def _sorted_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (sa - sb).abs().sum(-1)
 
 
-def uld_rows(ls: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
-    """ULD per span: ``ls`` ``[N, V_s]`` and ``lt`` ``[N, V_t]`` merged log-vectors -> ``[N]``."""
-    return _sorted_l1(lt.exp(), ls.exp())
+def merge(lp: torch.Tensor, first: torch.Tensor, logc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A span's merged distribution from first-token log-probs ``lp`` ``[N, V]``, the span's first
+    token ``first`` ``[N]`` and the log-probability of its later tokens ``logc`` ``[N]``: ``(log
+    p(text) [N], log-vector [N, V])``, the vector's ``first`` entry holding ``p(first)·(1 − c)``."""
+    lf = lp.gather(-1, first.unsqueeze(-1)).squeeze(-1)
+    return lf + logc, lp.scatter(-1, first.unsqueeze(-1), (lf + _log1mexp(logc)).unsqueeze(-1))
+
+
+def uld_rows(le_s: torch.Tensor, lv_s: torch.Tensor, le_t: torch.Tensor, lv_t: torch.Tensor) -> torch.Tensor:
+    """ULD per span between merged distributions (:func:`merge`, student ``[N]``/``[N, V_s]``,
+    teacher ``[N]``/``[N, V_t]``) -> ``[N]``."""
+    full = lambda le, lv: torch.cat([le.unsqueeze(-1), lv], dim=-1).exp()  # noqa: E731
+    return _sorted_l1(full(le_t, lv_t), full(le_s, lv_s))
 
 
 def _safe_log(s: torch.Tensor) -> torch.Tensor:
@@ -110,17 +125,29 @@ def _logsumexp(x: torch.Tensor) -> torch.Tensor:
     return _safe_log(torch.exp(x - m).sum(-1)) + m.squeeze(-1)
 
 
-def _bins(lm: torch.Tensor, cls: torch.Tensor, n: int, log_extra: torch.Tensor) -> torch.Tensor:
-    """Log-masses ``[N, n+1]`` of the merged vector ``exp(lm)`` ``[N, V]``: summed per class ``cls``
-    ``[V]`` (-1 = none), and last the rest bin (the unmatched tokens and ``exp(log_extra)`` ``[N]``)."""
+def _bins(le: torch.Tensor, lv: torch.Tensor, cls: torch.Tensor, n: int, text_class: torch.Tensor) -> torch.Tensor:
+    """Log-masses ``[N, n+2]``: "the span's text" (``le`` ``[N]``), the vector ``exp(lv)`` ``[N, V]``
+    summed per class ``cls`` ``[V]`` (-1 = none), and last the rest bin (the unmatched tokens).
+
+    ``text_class`` ``[N, 2]``: classes whose string *is* the span's text (-1: none): a side that
+    covers the span in one token gives its token's class; it joins "the span's text" (both are that
+    text)."""
     matched = cls >= 0
-    idx, x = cls[matched], lm[:, matched]
-    top = torch.full((lm.shape[0], n), -math.inf, device=lm.device).scatter_reduce(
+    idx, x = cls[matched], lv[:, matched]
+    top = torch.full((lv.shape[0], n), -math.inf, device=lv.device).scatter_reduce(
         1, idx.expand_as(x), x.detach(), "amax")  # per-class shift (detached: the value does not depend on it)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     sums = torch.zeros_like(top).index_add(1, idx, torch.exp(x - top[:, idx]))
-    rest = _logsumexp(torch.cat([lm[:, ~matched], log_extra.unsqueeze(-1)], dim=-1))
-    return torch.cat([_safe_log(sums) + top, rest.unsqueeze(-1)], dim=-1)
+    classes = _safe_log(sums) + top
+    le = le.unsqueeze(-1)
+    for j in range(text_class.shape[-1]):  # the second one is a no-op when it repeats the first
+        has = text_class[:, j:j + 1] >= 0
+        k = text_class[:, j:j + 1].clamp(min=0)
+        lk = classes.gather(1, k)
+        le = torch.where(has, torch.logaddexp(le, lk), le)
+        classes = classes.scatter(1, k, torch.where(has, torch.full_like(lk, -math.inf), lk))
+    rest = _logsumexp(lv[:, ~matched])
+    return torch.cat([le, classes, rest.unsqueeze(-1)], dim=-1)
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -132,32 +159,30 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(near, _safe_log(-torch.expm1(a)), torch.log1p(-torch.exp(b)))
 
 
-def mapped_rows(ls: torch.Tensor, lt: torch.Tensor, s_logc: torch.Tensor, t_logc: torch.Tensor,
-                classes: VocabClasses, spec: LossSpec) -> torch.Tensor:
-    """GOLD-style loss per span -> ``[N]``: ``spec.divergence`` between the class bins (+ rest) of the
-    merged vectors ``lt`` ``[N, V_t]``, ``ls`` ``[N, V_s]``, plus ULD between their unmatched tokens.
-
-    ``s_logc``/``t_logc`` ``[N]``: the log-probability of each span's later tokens (the merged
-    vectors sum to its exp; the rest bin holds the ``1 −`` that sum).
-    """
-    t_bins = _bins(lt, classes.teacher, classes.n, _log1mexp(t_logc))
-    s_bins = _bins(ls, classes.student, classes.n, _log1mexp(s_logc))
+def mapped_rows(le_s: torch.Tensor, lv_s: torch.Tensor, le_t: torch.Tensor, lv_t: torch.Tensor,
+                classes: VocabClasses, spec: LossSpec, text_class: torch.Tensor) -> torch.Tensor:
+    """GOLD-style loss per span -> ``[N]``: ``spec.divergence`` between the bins of the merged
+    distributions (the span's text, the classes, the rest), plus ULD between their unmatched tokens.
+    ``text_class`` ``[N]``: the class whose string is the span's text, or -1 (see :func:`_bins`)."""
+    t_bins = _bins(le_t, lv_t, classes.teacher, classes.n, text_class)
+    s_bins = _bins(le_s, lv_s, classes.student, classes.n, text_class)
     d = _divergence(spec.divergence, _finite(t_bins), _finite(s_bins), spec.beta, spec.skew)[0]
-    return d + _sorted_l1(lt.exp()[:, classes.teacher < 0], ls.exp()[:, classes.student < 0])
+    return d + _sorted_l1(lv_t[:, classes.teacher < 0].exp(), lv_s[:, classes.student < 0].exp())
 
 
-def _span_rows(kind: str, spec: LossSpec, z: torch.Tensor, s_logc: torch.Tensor, t_logp: torch.Tensor,
-               t_logc: torch.Tensor, classes: Optional[VocabClasses]) -> torch.Tensor:
+def _span_rows(kind: str, spec: LossSpec, z: torch.Tensor, s_token: torch.Tensor, s_logc: torch.Tensor,
+               t_logp: torch.Tensor, t_token: torch.Tensor, t_logc: torch.Tensor,
+               classes: Optional[VocabClasses], text_class: Optional[torch.Tensor]) -> torch.Tensor:
     """``(1 − w)·T²·loss`` per span from student logits ``z`` ``[N, V_s]`` (float32) and the teacher."""
     T = spec.temperature
-    ls = torch.log_softmax(z / T, dim=-1) + s_logc.unsqueeze(-1)
-    lt = torch.log_softmax(t_logp.float() / T, dim=-1) + t_logc.unsqueeze(-1)
+    le_s, lv_s = merge(torch.log_softmax(z / T, dim=-1), s_token, s_logc)
+    le_t, lv_t = merge(torch.log_softmax(t_logp.float() / T, dim=-1), t_token, t_logc)
     if kind == "uld":
-        rows = uld_rows(ls, lt)
+        rows = uld_rows(le_s, lv_s, le_t, lv_t)
     else:
         if classes is None:
             raise ValueError("the gold loss needs vocabulary classes")
-        rows = mapped_rows(ls, lt, s_logc, t_logc, classes, spec)
+        rows = mapped_rows(le_s, lv_s, le_t, lv_t, classes, spec, text_class)
     return rows * ((1.0 - spec.hard_label_weight) * T * T)
 
 
@@ -203,6 +228,20 @@ class _SpanChunks(torch.autograd.Function):
 
 # ---------------------------------------------------------------------------------------------
 # the loss
+
+
+def _text_class(target: CrossTarget, s_tok: torch.Tensor) -> torch.Tensor:
+    """``[n, 2]``: the class of the student's and of the teacher's first token where that side covers
+    the span in one token (its string is the span's text), else -1."""
+    if target.classes is None:
+        raise ValueError("the gold loss needs vocabulary classes")
+    n = s_tok.numel()
+    s_multi = torch.zeros(n, dtype=torch.bool, device=s_tok.device)
+    s_multi[target.cont_span] = True
+    t_multi = target.t_multi if target.t_multi is not None else target.t_logc < 0
+    none = torch.full((n,), -1, dtype=torch.long, device=s_tok.device)
+    return torch.stack([torch.where(~s_multi, target.classes.student[s_tok], none),
+                        torch.where(~t_multi, target.classes.teacher[target.t_token], none)], dim=-1)
 
 
 def cross_tokenizer_loss(
@@ -256,8 +295,12 @@ def cross_tokenizer_loss(
     if n == 0 or w >= 1.0:
         kd = (flat.sum() * 0.0).float()
     else:
+        s_tok = lab.index_select(0, target.s_first)  # the student's first token of each span
+        text_class = _text_class(target, s_tok) if kind == "gold" else None
+
         def rows_fn(z, lc, a, b):
-            return _span_rows(kind, spec, z, lc, target.t_logp[a:b], target.t_logc[a:b], target.classes)
+            return _span_rows(kind, spec, z, s_tok[a:b], lc, target.t_logp[a:b], target.t_token[a:b],
+                              target.t_logc[a:b], target.classes, text_class[a:b] if text_class is not None else None)
 
         if logits is not None:
             kd = rows_fn(flat.index_select(0, target.s_first).float(), s_logc, 0, n).sum()

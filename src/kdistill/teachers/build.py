@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 from kdistill.models import count_params, load_model, num_layers
 from kdistill.teachers.base import BuildEnv, Teacher, kind_for
+from kdistill.teachers.cross import cross_teacher
 from kdistill.teachers.multi import MultiTeacher
 
 
@@ -73,14 +74,14 @@ def build_teacher(cfg, env: BuildEnv) -> Optional[Teacher]:
         kind = kind_for(spec)
         if kind is None:  # pragma: no cover - the config checks teacher.kind
             raise ValueError(f"{key}: no teacher kind accepts this section")
-        t = kind.build(spec, key, env)
+        t = cross_teacher(spec, key, env) or kind.build(spec, key, env)  # another tokenizer: loss.cross_tokenizer
         built.append(t)
         names.append(t.name)
     if len(built) == 1:
         return built[0]
     multi = MultiTeacher(built, [s.weight for _, s in specs], cfg.loss.teacher_mix, names)
     env.say(f"teachers: {len(built)} ({', '.join(f'{n} w={w:.2f}' for n, w in zip(names, multi.weights))}), "
-            f"combined as {cfg.loss.teacher_mix}")
+            f"combined as {multi.mode}" + (" (their tokenizers differ)" if multi.mode != cfg.loss.teacher_mix else ""))
     return multi
 
 

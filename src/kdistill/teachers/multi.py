@@ -102,6 +102,8 @@ class MultiTeacher(Teacher):
     def __init__(self, teachers: Sequence, weights: Sequence[float], mode: str = "mixture", names=None):
         if mode not in ("mixture", "sum"):
             raise ValueError(f"unknown teacher mix {mode!r}; expected mixture or sum")
+        if any(getattr(t, "cross_tokenizer", False) for t in teachers):
+            mode = "sum"  # distributions over different vocabularies cannot be mixed: one loss per teacher
         self.teachers = list(teachers)
         self.weights = normalize_weights(weights)
         self.mode = mode
