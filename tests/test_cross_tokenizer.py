@@ -197,3 +197,35 @@ def test_bits_per_byte_is_reported_for_every_run(tiny, tmp_path):
                                                    rel=1e-4)
     assert rep["retention"]["bits_per_byte"] == pytest.approx(
         rep["teacher"]["metrics"]["bits_per_byte"] / rep["student"]["metrics"]["bits_per_byte"], rel=1e-3)
+
+
+def test_cross_tokenizer_cache_stores_the_teachers_tokenization_and_gives_the_live_loss(pair, tmp_path):
+    """cache-teacher with loss.cross_tokenizer keeps the teacher's tokenization of every answer beside
+    its top-k (and its tokenizer); a run from that cache alone, without the teacher model, trains on
+    the same loss as the live teacher (top-k = the whole vocabulary: only the log-prob grid differs)."""
+    from kdistill.commands.cache_teacher import cache_teacher
+    from kdistill.topk_cache import TopKCache
+
+    quiet = {"generate": False, "speed_prompts": 0}
+    live = tmp_path / "live"
+    run(load_config(base=_cfg(pair, live, train={"max_steps": 2}, eval=quiet)), progress=False)
+    cfg = _cfg(pair, tmp_path / "unused", train={"max_steps": 2}, eval=quiet)
+    cfg["cache"] = {"path": str(tmp_path / "cache"), "top_k": 400, "shard_size": 16}
+    stats = cache_teacher(load_config(base=cfg), say=lambda _: None, progress=False)
+    assert stats["rows"] == 64 and (tmp_path / "cache" / "teacher_tokenizer" / "tokenizer.json").is_file()
+    cache = TopKCache(tmp_path / "cache")
+    x = cache.extra(load_examples(pair / "train.jsonl")[0].id)
+    assert set(x) == {"token", "label_lp", "end", "turn"}
+    assert int((x["end"] == -2).sum()) == 1 and x["end"].max() > 0  # one end of turn; token ends in the answer
+
+    cached = tmp_path / "cached"
+    cfg = _cfg(pair, cached, train={"max_steps": 2}, eval=quiet)
+    cfg["teacher"] = {"cache": str(tmp_path / "cache")}
+    said = []
+    rep = run(load_config(base=cfg), say=said.append, progress=False)
+    assert any("end of turn: teacher '<|im_end|>' -> student '</s>'" in s for s in said)
+    assert rep["method_summary"]["cross_tokenizer"]["end_of_turn_spans"] == 16
+    a = [json.loads(line) for line in (live / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (cached / "metrics.jsonl").read_text().splitlines()]
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=2e-3)

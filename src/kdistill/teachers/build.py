@@ -12,6 +12,10 @@ kind that accepts it (by priority), several sections (``teachers:``) become one
 
 The first section with a ``model`` is the *primary* teacher: its weights are loaded by the run
 (to cut a student and to measure the teacher) and it is the teacher of the report.
+
+A section whose tokenizer differs from the student's becomes a
+:class:`~kdistill.teachers.cross.CrossTokenizerTeacher` (``loss.cross_tokenizer``), or a one-line
+refusal without that setting.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ Two ways to combine them (``loss.teacher_mix``):
   cache's top_k) and everything else, ``Σ_i w_i · tail_i`` plus the dropped union entries, is the
   tail bucket of the loss. A temperature T applies to the mixture (``P^(1/T)``, renormalized).
 * ``sum``: the loss is ``Σ_i w_i · D(P_i ‖ Q)``, one divergence per teacher, each on its own
-  signal (full or top-k).
+  signal (full or top-k). Teachers with another tokenizer than the student's (``loss.cross_tokenizer``)
+  are always combined this way: distributions over different vocabularies cannot be mixed.
 """
 
 from __future__ import annotations
