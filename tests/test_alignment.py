@@ -79,6 +79,23 @@ def test_end_of_turn_given_as_text_for_a_template_less_teacher(toks):
     assert _spans(ch, plain, " Kenji", t_renderer=r, t_eot=end_of_turn(r, text="\n"))[-1] == ("</s>", ["Ċ"])
 
 
+def test_teacher_renderer_adds_the_bos_its_tokenizer_adds_by_itself(toks):
+    """A template-less tokenizer whose post-processor adds BOS (Gemma) gets it in the teacher's plain text."""
+    from tokenizers import processors
+
+    ch = make_char_tokenizer()
+    ch.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    assert ch("ab")["input_ids"][0] == ch.bos_token_id and not getattr(ch, "add_bos_token", False)
+    r = TurnRenderer(ch, 64, end_of_turn="\n")
+    ex = Example(id="x", messages=[{"role": "user", "content": "Name: Ada\nFirst name:"}], response="Ada")
+    assert r.prompt_ids(ex)[0] == ch.bos_token_id and Renderer(ch, 64).prompt_ids(ex)[0] != ch.bos_token_id
+    f = encode_aligned(r, ex, end_of_turn(r, text="\n"))
+    assert f["input_ids"] == r.encode(ex)["input_ids"] and f["input_ids"][0] == ch.bos_token_id
+    a = f["answers"][0]
+    assert "".join(ch.convert_ids_to_tokens([f["input_ids"][p] for p in a.positions])) == "Ada"
+    assert ch.convert_ids_to_tokens([f["input_ids"][a.eot]]) == ["\n"]
+
+
 def test_decode_ends_for_sampled_non_canonical_ids(toks):
     """A sampler may emit "alpha" as five one-letter tokens: each still ends on its character."""
     _, bpe = toks

@@ -79,14 +79,30 @@ class Answer:
 
 
 class TurnRenderer(Renderer):
-    """A :class:`~kdistill.data.Renderer` whose template-less answers end with ``end_of_turn``
-    (e.g. ``"\\n"`` for a base model prompted few-shot) instead of EOS + newline; with a chat template
-    or without ``end_of_turn`` it renders exactly like the plain one."""
+    """A :class:`~kdistill.data.Renderer` for a teacher that reads rows on its own: without a chat
+    template its answers end with ``end_of_turn`` (e.g. ``"\\n"`` for a base model prompted
+    few-shot) instead of EOS + newline, and its text starts with BOS when its tokenizer adds one to
+    plain text by itself (a Gemma base model needs it; the plain renderer asks only ``add_bos_token``).
+    With a chat template it renders exactly like the plain one."""
 
     def __init__(self, tokenizer, max_length: int, system_prompt: Optional[str] = None, chat_template: bool = True,
                  end_of_turn: Optional[str] = None):
         super().__init__(tokenizer, max_length, system_prompt, chat_template)
         self.end_of_turn = end_of_turn if not self.use_template else None
+        bos = getattr(tokenizer, "bos_token_id", None)
+        self.extra_bos = (not self.use_template and bos is not None and not getattr(tokenizer, "add_bos_token", False)
+                          and tokenizer("x")["input_ids"][:1] == [bos])
+
+    def prompt_ids(self, example: Example) -> list[int]:
+        ids = super().prompt_ids(example)
+        return ([self.tok.bos_token_id] + ids)[-self.max_length:] if self.extra_bos else ids
+
+    def encode(self, example: Example, response: Optional[str] = None) -> dict:
+        f = super().encode(example, response)
+        if self.extra_bos:
+            f["input_ids"] = ([self.tok.bos_token_id] + f["input_ids"])[: self.max_length]
+            f["labels"] = ([IGNORE_INDEX] + f["labels"])[: self.max_length]
+        return f
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         if self.end_of_turn is None:
@@ -231,7 +247,8 @@ def encode_aligned(renderer: Renderer, example: Example, eot: EndOfTurn, respons
             labels += [IGNORE_INDEX] * len(t)
     shift = 0
     bos = getattr(renderer.tok, "bos_token_id", None)
-    if not renderer.use_template and bos is not None and getattr(renderer.tok, "add_bos_token", False):
+    if not renderer.use_template and bos is not None and (getattr(renderer.tok, "add_bos_token", False)
+                                                           or getattr(renderer, "extra_bos", False)):
         ids, labels, shift = [bos] + ids, [IGNORE_INDEX] + labels, 1
     n = min(len(ids), renderer.max_length)
     return {"input_ids": ids[:n], "labels": labels[:n], "id": example.id,

@@ -93,7 +93,8 @@ class LiveSource:
         V = self.vocab_size
         model = self.inner.model
         if supports_hidden(model):
-            h = final_hidden(model, batch["input_ids"], batch["attention_mask"]).reshape(-1, model.config.hidden_size)
+            h = final_hidden(model, batch["input_ids"], batch["attention_mask"])
+            h = h.reshape(-1, h.shape[-1])
             w = model.get_output_embeddings().weight[:V]
             rows_logits = lambda r: (h[r].to(w.dtype) @ w.t()).float()  # noqa: E731
         else:
