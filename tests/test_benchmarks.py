@@ -31,7 +31,7 @@ def make_tasks(folder: Path) -> Path:
         gen.append({"question": f"what is the first name {a} {b}", "answer": a})
     for name, rows in (("mc", mc), ("gen", gen)):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {{path}}\ntest_split: test\n"
+    common = ("dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {path}\ntest_split: test\n"
               "doc_to_text: \"{{{{question}}}}\"\n")
     (folder / "kd_mc.yaml").write_text(
         "task: kd_mc\n" + common.format(path=folder / "mc.jsonl") + "output_type: multiple_choice\n"

@@ -6,9 +6,13 @@ Metrics of a model on held-out rows (response tokens only):
 * ``kl_to_teacher``   mean per-token KL(teacher ‖ model) at T = 1 (0 for the teacher itself)
 * ``top1_agreement``  share of response positions where the model's argmax = the teacher's
 * ``accuracy``        share of rows whose greedy answer matches ``reference`` (rows that have one)
+* ``bits_per_byte``   the responses' cross-entropy in bits per UTF-8 byte of their text: the same
+                      yardstick whatever the tokenizer (teacher and student comparable across
+                      tokenizers; the end-of-turn tokens each model's rendering adds are included)
 
 Retention is each metric as a student/teacher ratio oriented so 1.0 means parity:
-``accuracy_s / accuracy_t``, ``perplexity_t / perplexity_s``, ``top1_agreement_s / 1`` and
+``accuracy_s / accuracy_t``, ``perplexity_t / perplexity_s``, ``bits_per_byte_t / bits_per_byte_s``,
+``top1_agreement_s / 1`` and
 ``exp(−kl_to_teacher_s)`` (the teacher's KL to itself is 0, i.e. exp(0) = 1).
 """
 
@@ -32,7 +36,8 @@ from kdistill.models import final_hidden, load_saved, save_model, supports_hidde
 from kdistill.sampling import sample_texts
 from kdistill.store import on_main, read_json, write_json
 
-HIGHER_IS_BETTER = {"accuracy": True, "top1_agreement": True, "perplexity": False, "kl_to_teacher": False}
+HIGHER_IS_BETTER = {"accuracy": True, "top1_agreement": True, "perplexity": False, "kl_to_teacher": False,
+                    "bits_per_byte": False}
 
 
 def _batches(items: list, size: int):
@@ -66,8 +71,10 @@ def logit_metrics(
     batch_size: int = 8,
     device=None,
     chunk_tokens: int = 1024,
+    response_bytes: Optional[int] = None,
 ) -> dict:
-    """Perplexity, and (with ``teacher``) KL to the teacher and top-1 agreement, on ``features``.
+    """Perplexity, and (with ``teacher``) KL to the teacher and top-1 agreement, on ``features``;
+    with ``response_bytes`` (the UTF-8 bytes of the responses) also bits per byte.
 
     Both models see the same batches; only positions with a label (response tokens) count, and
     they are projected onto the vocabulary ``chunk_tokens`` at a time.
@@ -98,6 +105,8 @@ def logit_metrics(
     if n == 0:
         return {}
     out = {"perplexity": math.exp(min(nll / n, 700.0))}
+    if response_bytes:
+        out["bits_per_byte"] = nll / math.log(2.0) / response_bytes
     if teacher is not None:
         out["kl_to_teacher"] = kl / n
         out["top1_agreement"] = agree / n
@@ -118,7 +127,7 @@ def by_task(rows: list, feats: list[dict], measure) -> dict:
         return measure(rows, feats)
     task_of_id = {e.id: e.extra.get("task") for e in rows}
     per, outs = {}, {}
-    tokens, refs = {}, {}
+    tokens, refs, n_bytes = {}, {}, {}
     for t in names:
         sub_rows = [e for e in rows if e.extra.get("task") == t]
         sub_feats = [f for f in feats if task_of_id.get(f["id"]) == t]
@@ -127,6 +136,7 @@ def by_task(rows: list, feats: list[dict], measure) -> dict:
         with_ref = [e for e in sub_rows if e.reference is not None]
         outs.update({e.id: o for e, o in zip(with_ref, ev.get("outputs") or [])})
         tokens[t] = sum(sum(1 for l in f["labels"] if l != IGNORE_INDEX) for f in sub_feats)
+        n_bytes[t] = response_bytes(sub_rows, sub_feats)
         refs[t] = len(with_ref)
 
     def mean(key, weight, log=False):
@@ -140,12 +150,24 @@ def by_task(rows: list, feats: list[dict], measure) -> dict:
 
     overall = {}
     for key, weight, log in (("perplexity", tokens, True), ("kl_to_teacher", tokens, False),
-                             ("top1_agreement", tokens, False), ("accuracy", refs, False)):
+                             ("top1_agreement", tokens, False), ("accuracy", refs, False),
+                             ("bits_per_byte", n_bytes, False)):
         v = mean(key, weight, log)
         if v is not None:
             overall[key] = round(v, 6)
     outputs = [outs[e.id] for e in rows if e.reference is not None and e.id in outs]
     return {"metrics": overall, "outputs": outputs, "tasks": per}
+
+
+def response_bytes(rows: list, feats: list[dict]) -> int:
+    """UTF-8 bytes of the assistant turns of the rows that have a feature (what bits per byte divides by)."""
+    by_id = {e.id: e for e in rows}
+    total = 0
+    for f in feats:
+        e = by_id.get(f.get("id"))
+        if e is not None:
+            total += sum(len(m["content"].encode("utf-8")) for m in e.conversation() if m["role"] == "assistant")
+    return total
 
 
 def _norm(text: str) -> str:
@@ -209,6 +231,9 @@ def task_accuracy(
     if not rows:
         return None, []
     outputs = sample_texts(model, tokenizer, [renderer.prompt_ids(e) for e in rows], max_new_tokens, batch_size)
+    stop = getattr(renderer, "end_of_turn", None)  # a template-less model whose answers end with this text
+    if stop:
+        outputs = [o.split(stop)[0] for o in outputs]
     ecfg = how if hasattr(how, "match") else _Mode(how)
     return sum(_score(rows, outputs, ecfg, judge)) / len(rows), outputs
 
@@ -314,7 +339,7 @@ def retention(student: dict, teacher: dict) -> dict:
             out[key] = math.exp(-s)
         elif key == "top1_agreement":
             out[key] = s
-        elif key == "perplexity" and t:
+        elif key in ("perplexity", "bits_per_byte") and t:
             out[key] = t / s if s > 0 else None
         elif key == "accuracy" and t:
             out[key] = s / t
@@ -339,7 +364,8 @@ def heldout_figures(model: nn.Module, tokenizer, renderer: Renderer, rows: list[
 
     def measure(sub_rows, sub_feats) -> dict:
         metrics = logit_metrics(model, sub_feats, tokenizer.pad_token_id, vocab_size, teacher=teacher,
-                                batch_size=ecfg.batch_size, device=device)
+                                batch_size=ecfg.batch_size, device=device,
+                                response_bytes=response_bytes(sub_rows, sub_feats))
         if is_teacher:
             metrics["kl_to_teacher"] = 0.0
             metrics["top1_agreement"] = 1.0

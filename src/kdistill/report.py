@@ -12,7 +12,7 @@ from kdistill.store import atomic_write
 from kdistill.trust_report import benchmark_sentence, cost_cells, notes, plot_benchmarks, stop_note
 from kdistill.trust_report import markdown as trust_markdown
 
-METRIC_ORDER = ("accuracy", "perplexity", "kl_to_teacher", "top1_agreement")
+METRIC_ORDER = ("accuracy", "perplexity", "bits_per_byte", "kl_to_teacher", "top1_agreement")
 
 
 def _fmt(v) -> str:
@@ -96,6 +96,8 @@ def _headline(rep: dict) -> str:
                 f"({s['metrics']['accuracy']:.1%} vs {t['metrics']['accuracy']:.1%}){share}.")
     if ret.get("perplexity") is not None:
         return f"Perplexity retention {ret['perplexity']:.2f} (teacher/student){share}."
+    if ret.get("bits_per_byte") is not None:
+        return f"Bits-per-byte retention {ret['bits_per_byte']:.2f} (teacher/student){share}."
     if "accuracy" in s["metrics"]:
         return (f"The student answers {s['metrics']['accuracy']:.1%} of the held-out rows correctly "
                 f"(teacher: not measured).")

@@ -46,6 +46,7 @@ from kdistill.store import check_own_folder, claim_folder, exclusive, memo_json
 from kdistill.students import build_student, display_name
 from kdistill.teachers import BuildEnv, HeldOut, build_teacher, load_teacher_weights, primary_teacher, teacher_configs
 from kdistill.teachers.build import uses_model
+from kdistill.teachers.cross import preflight, teacher_renderer
 from kdistill.trainer import InterruptGuard, latest_checkpoint, train
 from kdistill.trust import TrustChecks
 
@@ -178,7 +179,11 @@ class Run:
         self.student.to(self.device)
         t_tok = self.t_weights[1] if self.t_weights is not None else None
         self.same_vocab = t_tok is not None and tokenizer_fingerprint(t_tok) == tokenizer_fingerprint(self.tokenizer)
-        if self.t_weights is not None and (self.method_cls.shares_vocab or self.same_vocab):
+        if self.t_weights is not None and self.method_cls.shares_vocab and not self.same_vocab:
+            # another tokenizer: refused in one line without loss.cross_tokenizer, else what differs is shown
+            self.vocab_size = preflight(cfg, self.t_model, t_tok, self.student, self.tokenizer, self.say,
+                                        primary_teacher(cfg))
+        elif self.t_weights is not None and (self.method_cls.shares_vocab or self.same_vocab):
             self.vocab_size = check_vocab(t_tok, self.tokenizer, self.t_model, self.student)
         else:
             self.vocab_size = min(output_vocab_size(self.student), len(self.tokenizer))
@@ -210,7 +215,7 @@ class Run:
             self.t_weights = (prepare_teacher(self.t_model, self.acc, primary_teacher(cfg).placement), self.t_weights[1])
         env = BuildEnv(cfg=cfg, tokenizer=self.tokenizer, vocab_size=self.vocab_size, features=self.feats,
                        device=self.device, say=self.say, weights=self.t_weights, student=self.student,
-                       primary=primary_teacher(cfg), needs=needs, method=cfg.method)
+                       primary=primary_teacher(cfg), needs=needs, method=cfg.method, rows=self.train_rows)
         self.teacher = build_teacher(cfg, env) if (self.training or self.t_weights is None) else None
         if self.teacher is None and self.t_weights is None and needs:
             raise ConfigError("teacher.model: required for this method (hub id, folder, .gguf file, or 'demo'), "
@@ -245,8 +250,8 @@ class Run:
             t_model, t_tok = self.t_weights
             if self.same_vocab:
                 renderer, feats, vocab = self.eval_renderer, self.eval_feats, self.vocab_size
-            else:  # the teacher is measured with its own tokenizer
-                renderer = self.renderer_for(t_tok)
+            else:  # the teacher is measured with its own tokenizer (and its own end of turn)
+                renderer = teacher_renderer(self.cfg, t_tok, primary_teacher(self.cfg))
                 feats, _ = encode_examples(renderer, self.eval_rows)
                 vocab = min(output_vocab_size(t_model), len(t_tok))
             return heldout_figures(t_model, t_tok, renderer, self.eval_rows, feats, self.cfg.eval, vocab,
@@ -348,7 +353,7 @@ class Run:
         out = {}
         if self.t_model is not None:
             t_tok = self.t_weights[1]
-            r = self.eval_renderer if self.same_vocab else self.renderer_for(t_tok)
+            r = self.eval_renderer if self.same_vocab else teacher_renderer(self.cfg, t_tok, primary_teacher(self.cfg))
             out["teacher"] = measure_speed(self.t_model, t_tok, [r.prompt_ids(e) for e in rows], new, self.device)
         out["student"] = measure_speed(self.student, self.tokenizer, [self.eval_renderer.prompt_ids(e) for e in rows],
                                        new, self.device)

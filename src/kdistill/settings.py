@@ -76,6 +76,10 @@ class TeacherConfig(Section):
         "none = chosen from model / cache / api"
     )
     options: dict[str, Any] = Field(default_factory=dict, description="settings of a teacher kind given by `kind`")
+    end_of_turn: Optional[str] = Field(
+        None, description="the text that ends this teacher's answers when it has no chat template (default: its EOS "
+        "token), e.g. \"\\n\" for a base model prompted few-shot; with loss.cross_tokenizer it is aligned with the "
+        "student's EOS")
 
     @model_validator(mode="after")
     def _one_signal(self) -> "TeacherConfig":
@@ -197,6 +201,10 @@ class LossConfig(Section):
         if isinstance(v, int) and v < 1:
             raise ValueError("expected 'auto' or a positive integer")
         return v
+    cross_tokenizer: Optional[Literal["uld", "gold"]] = Field(
+        None, description="teacher and student tokenize differently: uld = Wasserstein-1 between sorted probability "
+        "vectors; gold = tokens with the same string compared with `divergence`, the rest through uld (see "
+        "kdistill.losses.cross_tokenizer); none = the tokenizers must match")
     teacher_mix: Literal["mixture", "sum"] = Field(
         "mixture", description="several teachers: mixture = divergence to their weighted mixture in probability space; "
         "sum = weighted sum of per-teacher divergences"

@@ -174,9 +174,13 @@ def cached_positions(feature: dict) -> int:
 
 
 def shard_bytes(sample_ids: list[str], hashes: list[str], counts: list[int], indices: np.ndarray,
-                logprobs: np.ndarray, vocab_size: int, log_rest: Optional[np.ndarray] = None) -> bytes:
-    """Serialize one shard (``indices``/``logprobs`` ``[T, k]``, ``log_rest`` ``[T]``, rows in order)."""
+                logprobs: np.ndarray, vocab_size: int, log_rest: Optional[np.ndarray] = None,
+                extra: Optional[dict] = None) -> bytes:
+    """Serialize one shard (``indices``/``logprobs`` ``[T, k]``, ``log_rest`` ``[T]``, rows in order);
+    ``extra``: more per-position arrays ``{name: [T]}``, stored as ``x_<name>`` beside the top-k
+    (e.g. a cross-tokenizer cache's teacher token ends, :mod:`kdistill.teachers.cross`)."""
     enc = encode_topk(indices, logprobs, vocab_size, log_rest)
+    enc.update({f"x_{k}": np.asarray(v) for k, v in (extra or {}).items()})
     buf = io.BytesIO()
     np.savez_compressed(
         buf,
@@ -300,6 +304,13 @@ class TopKCache:
         a, b = int(z["offsets"][row]), int(z["offsets"][row + 1])
         return decode_topk(z["ids"][:, a:b], z["top1"][a:b], z["gaps"][:, a:b], z["log_rest"][a:b], self.scale)
 
+    def extra(self, sample_id: str) -> dict[str, np.ndarray]:
+        """The per-position arrays stored beside one row's top-k (``shard_bytes``'s ``extra``)."""
+        file, row = self.index()[sample_id]
+        z = self._shard(self._entries[file])
+        a, b = int(z["offsets"][row]), int(z["offsets"][row + 1])
+        return {k[2:]: z[k][a:b] for k in z if k.startswith("x_")}
+
     def disk_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
 
@@ -402,9 +413,9 @@ def open_for_writing(path: Path, meta: dict, say) -> tuple[dict, set[str]]:
 
 
 def append_shard(path: Path, manifest: dict, sample_ids: list[str], hashes: list[str], counts: list[int],
-                 indices: np.ndarray, logprobs: np.ndarray, vocab_size: int) -> None:
+                 indices: np.ndarray, logprobs: np.ndarray, vocab_size: int, extra: Optional[dict] = None) -> None:
     """Write the next shard (atomically), then list it in the manifest (atomically)."""
-    data = shard_bytes(sample_ids, hashes, counts, indices, logprobs, vocab_size)
+    data = shard_bytes(sample_ids, hashes, counts, indices, logprobs, vocab_size, extra=extra)
     name = f"shard-{manifest['next_shard']:05d}.npz"
     atomic_write(Path(path) / name, data)
     manifest["shards"].append({"file": name, "sha256": _sha256(data), "bytes": len(data),

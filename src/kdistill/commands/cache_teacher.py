@@ -5,7 +5,10 @@ The teacher runs once over the rows of ``data.train`` (rendered and tokenized ex
 token ids and log-probs are stored in shards (:mod:`kdistill.topk_cache`). The teacher is a local
 ``teacher.model``, or a vLLM server (``teacher.api.logprobs``; the rows are then tokenized with
 ``student.model``'s tokenizer). While the teacher is at hand, its held-out figures are stored beside
-the cache, so that runs from the cache alone can still report retention.
+the cache, so that runs from the cache alone can still report retention. With ``loss.cross_tokenizer``
+(a student with another tokenizer) the rows are rendered as the teacher reads them, and the
+teacher's tokenization of every answer is stored beside the top-k, with the teacher's tokenizer
+(:mod:`kdistill.teachers.cross_sources`).
 """
 
 from __future__ import annotations
@@ -25,9 +28,12 @@ from kdistill.data import Renderer, collate, encode_examples
 from kdistill.errors import ConfigError, KDistillError
 from kdistill.evaluate import eval_fingerprint, heldout_figures
 from kdistill.models import count_params, load_model, load_tokenizer, output_vocab_size, tokenizer_fingerprint
+from kdistill.alignment import encode_aligned
 from kdistill.splits import read_rows
 from kdistill.store import atomic_write, check_own_folder, exclusive, read_json
 from kdistill.teachers import HeldOut, LocalTeacher, ServedTeacher
+from kdistill.teachers.cross import TEACHER_TOKENIZER_DIR, ends
+from kdistill.teachers.cross_sources import cache_arrays, teacher_renderer, topk_with_labels
 from kdistill.teachers.served import PROBE
 from kdistill.teachers.served_identity import identity_mismatch, served_identity
 from kdistill.teachers.text import answered_figures
@@ -94,17 +100,28 @@ def cache_teacher(cfg, say: Callable[[str], None] = log.info, progress: bool = T
         "data": {"max_length": cfg.data.max_length, "system_prompt": cfg.data.system_prompt,
                  "chat_template": cfg.data.chat_template},
     }
+    cross = cfg.loss.cross_tokenizer is not None and not served  # the student has another tokenizer
+    if cross:  # rows rendered as the teacher reads them; its tokenization is stored beside the top-k
+        renderer = teacher_renderer(cfg, tok, cfg.teacher)
+        meta["data"]["cross_tokenizer"] = {"end_of_turn": cfg.teacher.end_of_turn, "max_length": renderer.max_length}
+    else:
+        renderer = Renderer(tok, cfg.data.max_length, cfg.data.system_prompt, cfg.data.chat_template)
     check_own_folder(path, "cache.path", "teacher cache", also_ours=("manifest.json",))
     with exclusive(path / LOCK, f"the cache {path}", "cache.path"):
-        return _fill(cfg, path, meta, teacher, tok, vocab, k, rows, device, served, say, progress)
+        return _fill(cfg, path, meta, teacher, tok, vocab, k, rows, device, served, say, progress, cross, renderer)
 
 
 def _fill(cfg, path: Path, meta: dict, teacher, tok, vocab: int, k: int, rows, device, served: bool, say,
-          progress: bool) -> dict:
+          progress: bool, cross: bool, renderer: Renderer) -> dict:
     """Write every missing row's shard (resumable), then the teacher's held-out figures."""
     manifest, done = open_for_writing(path, meta, say)
-    renderer = Renderer(tok, cfg.data.max_length, cfg.data.system_prompt, cfg.data.chat_template)
-    feats, n_empty = encode_examples(renderer, rows)
+    if cross:
+        tok.save_pretrained(str(path / TEACHER_TOKENIZER_DIR))
+        eot = ends(teacher.model, tok, renderer, cfg.teacher)[0]
+        feats = [f for f in (encode_aligned(renderer, e, eot) for e in rows) if cached_positions(f)]
+        n_empty = len(rows) - len(feats)
+    else:
+        feats, n_empty = encode_examples(renderer, rows)
     todo = [f for f in feats if f["id"] not in done]
     if served and todo:  # a cache holds one teacher's signal: the same server identity, or a clear refusal
         _check_same_server(path, manifest, served_identity(teacher, tok, PROBE), cfg.cache.accept_teacher_change,
@@ -121,17 +138,20 @@ def _fill(cfg, path: Path, meta: dict, teacher, tok, vocab: int, k: int, rows, d
     bs, pad = cfg.cache.batch_size, tok.pad_token_id
     for s in range(0, len(todo), cfg.cache.shard_size):
         shard = todo[s: s + cfg.cache.shard_size]
-        idx_parts, lp_parts = [], []
+        idx_parts, lp_parts, own_parts = [], [], []
         for b in range(0, len(shard), bs):
             batch = collate(shard[b: b + bs], pad)
             batch = {key: (v.to(device) if isinstance(v, torch.Tensor) else v) for key, v in batch.items()}
-            i, lp, _ = teacher.topk_at_labels(batch, k)
+            i, lp, own = topk_with_labels(teacher.model, batch, vocab, k) if cross else teacher.topk_at_labels(batch, k)
             idx_parts.append(i.cpu().numpy())
             lp_parts.append(lp.cpu().numpy())
+            own_parts.append(own.cpu().numpy() if own is not None else None)
             if bar is not None:
                 bar.update(int(i.shape[0]))
+        extra = cache_arrays(shard, np.concatenate(own_parts)) if cross else None
         append_shard(path, manifest, [f["id"] for f in shard], [token_hash(f) for f in shard],
-                     [cached_positions(f) for f in shard], np.concatenate(idx_parts), np.concatenate(lp_parts), vocab)
+                     [cached_positions(f) for f in shard], np.concatenate(idx_parts), np.concatenate(lp_parts), vocab,
+                     extra=extra)
     if bar is not None:
         bar.close()
     dt = time.time() - t1
@@ -183,7 +203,8 @@ def _teacher_eval(cfg, teacher, tok, vocab: int, path: Path, device, say) -> Opt
     saved = read_json(out)
     if isinstance(saved, dict) and saved.get("fingerprint") == fp:
         return saved["metrics"]
-    renderer = Renderer(tok, cfg.data.max_length, cfg.data.system_prompt, cfg.data.chat_template)
+    renderer = (teacher_renderer(cfg, tok, cfg.teacher) if cfg.loss.cross_tokenizer is not None and not _served(cfg)
+                else Renderer(tok, cfg.data.max_length, cfg.data.system_prompt, cfg.data.chat_template))
     feats, _ = encode_examples(renderer, eval_rows)
     say(f"cache: evaluating the teacher on {len(eval_rows)} held-out rows (stored in {out}, for retention)")
     if isinstance(teacher, ServedTeacher):  # its answers (kept in a subfolder) and log-probs

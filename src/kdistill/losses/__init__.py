@@ -47,6 +47,8 @@ Modules (each imports only the ones above it):
 * :mod:`~kdistill.losses.distill`      :func:`distill_loss` (plain) and :func:`fused_distill_loss`
 * :mod:`~kdistill.losses.likelihood`   :func:`label_logprobs` (chunked), :func:`cross_entropy_sum`
 * :mod:`~kdistill.losses.preference`   :func:`sequence_logprobs`, :func:`dpo_loss`
+* :mod:`~kdistill.losses.cross_tokenizer`  ULD and the GOLD-style mapped loss for a teacher with another
+                                       tokenizer (:func:`~kdistill.losses.cross_tokenizer.cross_tokenizer_loss`)
 """
 
 from __future__ import annotations

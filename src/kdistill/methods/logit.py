@@ -4,13 +4,15 @@ Loss per response token: ``alpha · T² · D(P_T ‖ Q_T) + (1 − alpha) · CE(
 chunked path (no ``[tokens x vocab]`` tensor) is used when both models expose their final hidden
 states and output layer (``loss.fused: auto``), the plain path otherwise. With
 ``features.weight > 0`` a hidden-state term is added (:mod:`kdistill.features`), from the same
-forward passes.
+forward passes. A teacher with another tokenizer (``loss.cross_tokenizer``) gives a cross target
+instead, compared span by span (:mod:`kdistill.losses.cross_tokenizer`).
 """
 
 from __future__ import annotations
 
 from kdistill.features import FeatureAdapters, feature_loss, hidden_size, layer_map
 from kdistill.losses import distill_loss, fused_distill_loss
+from kdistill.losses.cross_tokenizer import cross_tokenizer_loss
 from kdistill.methods.base import Method, RunContext, register
 from kdistill.teachers.multi import signal_parts
 
@@ -38,6 +40,7 @@ class LogitMethod(Method):
             hard_label_weight=1.0 - lc.alpha,
         )
         self.fused_setting = lc.fused
+        self.cross = lc.cross_tokenizer  # uld | gold: for a teacher with another tokenizer
         self.chunk_size = lc.chunk_size
         self._init_features(ctx)
         # a served teacher answers over HTTP: ask for a batch's log-probs as soon as the batch is known
@@ -97,7 +100,10 @@ class LogitMethod(Method):
             s_hidden, s_weight, *s_feats = model(ids, mask, hidden=True, **s_layers)
             signal = self.ctx.teacher.signal(batch, hidden=True, **t_layers)
             for w, t in signal_parts(signal):  # one part, or several teachers with loss.teacher_mix: sum
-                if t.topk is not None:
+                if t.cross is not None:  # a teacher with another tokenizer (loss.cross_tokenizer)
+                    part = cross_tokenizer_loss(self.cross, labels, t.cross, hidden=s_hidden, weight=s_weight[:V],
+                                                chunk_size=self.chunk_size, num_items=num_items, **kw)
+                elif t.topk is not None:
                     part = fused_distill_loss(
                         s_hidden, s_weight[:V], None, None, labels, teacher_topk=t.topk,
                         chunk_size=self.chunk_size, num_items=num_items, **kw,
@@ -117,6 +123,10 @@ class LogitMethod(Method):
             logits = logits[..., :V]
             signal = self.ctx.teacher.signal(batch, hidden=False, **t_layers)
             for w, t in signal_parts(signal):
+                if t.cross is not None:
+                    loss = loss + w * cross_tokenizer_loss(self.cross, labels, t.cross, logits=logits,
+                                                           num_items=num_items, **kw)
+                    continue
                 loss = loss + w * distill_loss(logits, t.logits, labels, num_items=num_items, teacher_topk=t.topk,
                                                **kw)
         if not feats:
@@ -133,6 +143,11 @@ class LogitMethod(Method):
         served = self.ctx.teacher.summary()  # a served teacher's requests, retries, batches asked for early
         if served:
             out["served_teacher"] = served
+        cross = [t.cross_summary() for t in (getattr(self.ctx.teacher, "teachers", None) or [self.ctx.teacher])
+                 if hasattr(t, "cross_summary")]
+        if cross:
+            out["cross_tokenizer"] = {"loss": self.cross, **cross[0]} if len(cross) == 1 else {
+                "loss": self.cross, "teachers": cross}
         if self.feature_pairs is None:
             return out
         h = self.feature_history

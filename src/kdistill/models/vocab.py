@@ -26,7 +26,7 @@ def check_vocab(teacher_tok, student_tok, teacher: nn.Module, student: nn.Module
     if tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(student_tok):
         raise ModelError(
             "student.model: its tokenizer differs from the teacher's; logit distillation needs a shared vocabulary "
-            "(use method: sequence for cross-tokenizer distillation)"
+            "(set loss.cross_tokenizer: uld or gold, or use method: sequence)"
         )
     n_tok = len(teacher_tok)
     vt, vs = output_vocab_size(teacher), output_vocab_size(student)

@@ -5,6 +5,8 @@
 * :mod:`~kdistill.teachers.served` — a vLLM server's top-k log-probs over HTTP;
 * :mod:`~kdistill.teachers.text` — an OpenAI-compatible API: answers and ratings only;
 * :mod:`~kdistill.teachers.multi` — several of the above, mixed;
+* :mod:`~kdistill.teachers.cross` — any of the above with another tokenizer than the student's
+  (``loss.cross_tokenizer``; its numbers from :mod:`~kdistill.teachers.cross_sources`);
 * :mod:`~kdistill.teachers.api` — the HTTP client they share (retries, backoff, secrets);
 * :mod:`~kdistill.teachers.build` — a config's ``teacher:`` / ``teachers:`` -> a teacher.
 """

@@ -43,7 +43,9 @@ class TeacherSignal:
     """One of: ``hidden`` ``[batch, seq, hidden]`` + ``weight`` ``[vocab, hidden]``; ``logits``
     ``[batch, seq, vocab]``; or ``topk`` (:class:`~kdistill.losses.TopK`, ``[batch, seq, k]``);
     or ``parts``: ``[(weight, TeacherSignal)]``, a weighted sum of per-teacher losses
-    (several teachers, ``loss.teacher_mix: sum``; see :func:`kdistill.teachers.multi.signal_parts`)."""
+    (several teachers, ``loss.teacher_mix: sum``; see :func:`kdistill.teachers.multi.signal_parts`);
+    or ``cross``: a teacher with another tokenizer, aligned to the student's positions
+    (:class:`~kdistill.losses.cross_tokenizer.CrossTarget`, :mod:`kdistill.teachers.cross`)."""
 
     hidden: Optional[torch.Tensor] = None
     weight: Optional[torch.Tensor] = None
@@ -51,6 +53,7 @@ class TeacherSignal:
     topk: Optional[TopK] = None
     parts: Optional[list] = None
     features: Optional[dict] = None  # {teacher block: its output [batch, seq, hidden]} (feature distillation)
+    cross: Optional[Any] = None  # a CrossTarget (loss.cross_tokenizer)
 
 
 @dataclass
@@ -187,3 +190,4 @@ class BuildEnv:
     primary: Any = None  # the primary teacher's config section
     needs: frozenset = frozenset()  # what the method needs of the teacher
     method: str = ""
+    rows: list = field(default_factory=list)  # the training rows (Example), e.g. for a teacher that re-tokenizes them

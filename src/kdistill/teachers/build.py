@@ -12,6 +12,10 @@ kind that accepts it (by priority), several sections (``teachers:``) become one
 
 The first section with a ``model`` is the *primary* teacher: its weights are loaded by the run
 (to cut a student and to measure the teacher) and it is the teacher of the report.
+
+A section whose tokenizer differs from the student's becomes a
+:class:`~kdistill.teachers.cross.CrossTokenizerTeacher` (``loss.cross_tokenizer``), or a one-line
+refusal without that setting.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Callable, Optional
 
 from kdistill.models import count_params, load_model, num_layers
 from kdistill.teachers.base import BuildEnv, Teacher, kind_for
+from kdistill.teachers.cross import cross_teacher
 from kdistill.teachers.multi import MultiTeacher
 
 
@@ -73,14 +78,14 @@ def build_teacher(cfg, env: BuildEnv) -> Optional[Teacher]:
         kind = kind_for(spec)
         if kind is None:  # pragma: no cover - the config checks teacher.kind
             raise ValueError(f"{key}: no teacher kind accepts this section")
-        t = kind.build(spec, key, env)
+        t = cross_teacher(spec, key, env) or kind.build(spec, key, env)  # another tokenizer: loss.cross_tokenizer
         built.append(t)
         names.append(t.name)
     if len(built) == 1:
         return built[0]
     multi = MultiTeacher(built, [s.weight for _, s in specs], cfg.loss.teacher_mix, names)
     env.say(f"teachers: {len(built)} ({', '.join(f'{n} w={w:.2f}' for n, w in zip(names, multi.weights))}), "
-            f"combined as {cfg.loss.teacher_mix}")
+            f"combined as {multi.mode}" + (" (their tokenizers differ)" if multi.mode != cfg.loss.teacher_mix else ""))
     return multi
 
 

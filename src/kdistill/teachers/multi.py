@@ -11,7 +11,8 @@ Two ways to combine them (``loss.teacher_mix``):
   cache's top_k) and everything else, ``Σ_i w_i · tail_i`` plus the dropped union entries, is the
   tail bucket of the loss. A temperature T applies to the mixture (``P^(1/T)``, renormalized).
 * ``sum``: the loss is ``Σ_i w_i · D(P_i ‖ Q)``, one divergence per teacher, each on its own
-  signal (full or top-k).
+  signal (full or top-k). Teachers with another tokenizer than the student's (``loss.cross_tokenizer``)
+  are always combined this way: distributions over different vocabularies cannot be mixed.
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ class MultiTeacher(Teacher):
     def __init__(self, teachers: Sequence, weights: Sequence[float], mode: str = "mixture", names=None):
         if mode not in ("mixture", "sum"):
             raise ValueError(f"unknown teacher mix {mode!r}; expected mixture or sum")
+        if any(getattr(t, "cross_tokenizer", False) for t in teachers):
+            mode = "sum"  # distributions over different vocabularies cannot be mixed: one loss per teacher
         self.teachers = list(teachers)
         self.weights = normalize_weights(weights)
         self.mode = mode
