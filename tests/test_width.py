@@ -163,3 +163,22 @@ def test_search_and_width_config_errors(tiny, tmp_path):
     cfg = load_config(base=base_config(tiny, tmp_path / "d", student={"init": {"search": big}}, eval=QUIET))
     with pytest.raises(ConfigError, match=r"student.init.search.candidates\[0\]: .* over the budget"):
         run(cfg, progress=False)
+
+
+def test_probe_kl_from_cached_teacher_states_equals_the_evaluation():
+    """The search scores probes from the teacher's final hidden states computed once; that KL equals
+    the held-out evaluation's (kdistill.evaluate.logit_metrics), which runs the teacher."""
+    from kdistill.cut_search import held_kl
+    from kdistill.data import collate
+    from kdistill.models import final_hidden
+
+    teacher, student = make_llama(256, layers=4), make_llama(256, layers=2, seed=1)
+    g = torch.Generator().manual_seed(0)
+    feats = [{"input_ids": torch.randint(0, 256, (n,), generator=g).tolist(), "id": str(n)} for n in (7, 11, 9, 5)]
+    for f in feats:
+        f["labels"] = [-100] * 3 + f["input_ids"][3:]
+    held = [{**collate(feats[i: i + 2], 0), "feats": feats[i: i + 2], "pad": 0} for i in (0, 2)]
+    hidden = [final_hidden(teacher, b["input_ids"], b["attention_mask"]).detach() for b in held]
+    cached = held_kl(student, teacher, held, hidden, 256)
+    asked = held_kl(student, teacher, held, None, 256)  # the evaluation's path
+    assert cached == pytest.approx(asked, rel=1e-5) and cached > 0

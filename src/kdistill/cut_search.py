@@ -27,7 +27,7 @@ from torch import nn
 from kdistill.data import collate
 from kdistill.errors import ConfigError
 from kdistill.evaluate import logit_metrics
-from kdistill.losses import distill_loss, fused_distill_loss
+from kdistill.losses import distill_loss, divergence, fused_distill_loss
 from kdistill.models import count_params, cut_student, final_hidden, num_layers, supports_hidden
 from kdistill.models.width import count_pruned, prune_width, width_plan
 
@@ -93,7 +93,7 @@ def candidates(sc, base: nn.Module, layers_for: Callable[[int], list[int]], budg
                                   f"of {int(budget):,} (target_params)")
             out.append(cand)
         return out
-    fits = [n for n in range(1, total + 1) if count(n, {}) <= limit]
+    fits = [n for n in range(1, total + 1) if count(n, {}) <= budget]  # generated: within the budget itself
     n_depth = max(fits) if fits else 1
     depths = sorted({round(n_depth + k * (total - n_depth) / (sc.depth_levels - 1)) for k in range(sc.depth_levels)})
     out = []
@@ -101,7 +101,7 @@ def candidates(sc, base: nn.Module, layers_for: Callable[[int], list[int]], budg
         if n == n_depth and fits:
             out.append(Candidate(n, {}, count(n, {})))
             continue
-        f = _fit_fraction(lambda x: count(n, {a: x for a in sc.axes}), limit)
+        f = _fit_fraction(lambda x: count(n, {a: x for a in sc.axes}), budget)
         if f is not None and f < 1.0:
             width = {a: f for a in sc.axes}
             out.append(Candidate(n, width, count(n, width)))
@@ -118,12 +118,34 @@ def _signal(teacher: nn.Module, batch: dict, vocab: int, fused: bool):
                              use_cache=False).logits[..., :vocab]
 
 
-def probe(student: nn.Module, teacher: nn.Module, batches: list[dict], signals: list, held: list[dict], pad_id: int,
-          vocab: int, lr: float, eval_batch: int) -> dict:
+@torch.no_grad()
+def held_kl(student: nn.Module, teacher: nn.Module, held: list[dict], t_hidden: Optional[list], vocab: int) -> float:
+    """Mean per-token KL(teacher ‖ student) at T = 1 over the labelled positions of the ``held``
+    batches; ``t_hidden``: the teacher's final hidden states per batch (computed once for every
+    candidate), or None to ask the teacher (then :func:`kdistill.evaluate.logit_metrics`)."""
+    if t_hidden is None or not supports_hidden(student):
+        feats = [f for b in held for f in b["feats"]]
+        return logit_metrics(student, feats, held[0]["pad"], vocab, teacher=teacher,
+                             batch_size=len(held[0]["feats"]))["kl_to_teacher"]
+    s_w, t_w = student.get_output_embeddings().weight[:vocab], teacher.get_output_embeddings().weight[:vocab]
+    total, n = 0.0, 0
+    for b, th in zip(held, t_hidden):
+        keep = b["labels"] != -100
+        sh, tr = final_hidden(student, b["input_ids"], b["attention_mask"])[keep], th[keep]
+        for i in range(0, sh.shape[0], 1024):
+            s_lp = torch.log_softmax((sh[i: i + 1024] @ s_w.t()).float(), -1)
+            t_lp = torch.log_softmax((tr[i: i + 1024] @ t_w.t()).float(), -1)
+            total += float(divergence(t_lp, s_lp, "forward_kl").sum())
+        n += int(keep.sum())
+    return total / max(n, 1)
+
+
+def probe(student: nn.Module, teacher: nn.Module, batches: list[dict], signals: list, held: list[dict],
+          held_hidden: Optional[list], vocab: int, lr: float) -> dict:
     """Distill ``student`` on ``batches`` (one optimizer step each; forward KL, T = 1) and measure its
     KL to the teacher on ``held`` before and after: ``{"kl_before", "kl_after", "seconds"}``."""
     t0 = time.time()
-    before = logit_metrics(student, held, pad_id, vocab, teacher=teacher, batch_size=eval_batch)["kl_to_teacher"]
+    before = held_kl(student, teacher, held, held_hidden, vocab)
     fused = supports_hidden(student) and signals and signals[0][0] is not None
     t_weight = teacher.get_output_embeddings().weight[:vocab] if fused else None
     params = [p for p in student.parameters() if p.requires_grad]
@@ -147,7 +169,7 @@ def probe(student: nn.Module, teacher: nn.Module, batches: list[dict], signals: 
         opt.step()
         opt.zero_grad(set_to_none=True)
     student.eval()
-    after = logit_metrics(student, held, pad_id, vocab, teacher=teacher, batch_size=eval_batch)["kl_to_teacher"]
+    after = held_kl(student, teacher, held, held_hidden, vocab)
     return {"kl_before": round(before, 6), "kl_after": round(after, 6), "seconds": round(time.time() - t0, 1)}
 
 
@@ -166,19 +188,25 @@ def search_cut(sc, teacher: nn.Module, base: nn.Module, layers_for: Callable[[in
     teacher_params = count_params(teacher)
     budget = sc.target_params * teacher_params if sc.target_params <= 1 else sc.target_params
     cands = candidates(sc, base, layers_for, budget)
-    train_rows, held = feats[: -sc.probe_eval_rows], feats[-sc.probe_eval_rows:]
+    train_rows, held_rows = feats[: -sc.probe_eval_rows], feats[-sc.probe_eval_rows:]
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(train_rows), generator=g).tolist()
     while len(order) < sc.probe_steps * batch_size:
         order += order
     device = next(teacher.parameters()).device
-    batches = [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in
-                collate([train_rows[j] for j in order[i * batch_size: (i + 1) * batch_size]], pad_id).items()}
+
+    def batch_of(rows: list[dict]) -> dict:
+        b = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in collate(rows, pad_id).items()}
+        return {**b, "feats": rows, "pad": pad_id}
+
+    batches = [batch_of([train_rows[j] for j in order[i * batch_size: (i + 1) * batch_size]])
                for i in range(sc.probe_steps)]
+    held = [batch_of(held_rows[i: i + batch_size]) for i in range(0, len(held_rows), batch_size)]
     fused = supports_hidden(teacher)
     signals = [_signal(teacher, b, vocab, True) if fused else (None, None) for b in batches]
+    held_hidden = [_signal(teacher, b, vocab, True)[0] for b in held] if fused else None
     say(f"cut search: {len(cands)} candidates at {int(budget):,} parameters ({budget / teacher_params:.0%} of the "
-        f"teacher), {sc.probe_steps} probe steps each, scored on {len(held)} held-out training rows")
+        f"teacher), {sc.probe_steps} probe steps each, scored on {len(held_rows)} held-out training rows")
     total = num_layers(base)
     table = []
     for c in cands:
@@ -187,7 +215,7 @@ def search_cut(sc, teacher: nn.Module, base: nn.Module, layers_for: Callable[[in
         student = build_cut(base, layers, plan)
         for p in student.parameters():
             p.requires_grad_(True)
-        result = probe(student, teacher, batches, signals, held, pad_id, vocab, lr, batch_size)
+        result = probe(student, teacher, batches, signals, held, held_hidden, vocab, lr)
         row = {"kind": c.kind(total), "num_layers": c.num_layers, "width": c.width, "params": c.params,
                "share": round(c.params / teacher_params, 4), **result}
         table.append(row)
@@ -200,5 +228,5 @@ def search_cut(sc, teacher: nn.Module, base: nn.Module, layers_for: Callable[[in
     plan = width_plan(base, wscores, layers, c.width) if c.width else {}
     say(f"cut search: kept {c.label()} (lowest held-out KL)")
     entry = {"target_params": int(budget), "teacher_params": teacher_params, "probe_steps": sc.probe_steps,
-             "probe_eval_rows": len(held), "candidates": table, "chosen": best}
+             "probe_eval_rows": len(held_rows), "candidates": table, "chosen": best}
     return layers, plan, entry

@@ -53,7 +53,7 @@ class SearchConfig(_Section):
     probe_steps: int = Field(20, ge=1, description="distillation steps per candidate")
     probe_eval_rows: int = Field(32, ge=1, description="training rows held out from the probe to score it")
     learning_rate: Optional[float] = Field(None, gt=0.0, description="probe learning rate (none = train.learning_rate)")
-    tolerance: float = Field(0.02, ge=0.0, le=0.5, description="a candidate may exceed the budget by this share")
+    tolerance: float = Field(0.02, ge=0.0, le=0.5, description="a given candidate may exceed the budget by this share")
 
 
 class LoraConfig(_Section):

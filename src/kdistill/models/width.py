@@ -235,8 +235,9 @@ def prune_width(model: nn.Module, plan: dict) -> nn.Module:
 
 
 def count_pruned(model: nn.Module, layers: Sequence[int], fractions: dict) -> int:
-    """Parameters of ``model`` cut to ``layers`` and pruned to ``fractions`` (built on the meta
-    device: nothing is allocated or copied)."""
+    """Parameters of ``model`` cut to ``layers`` and pruned to ``fractions``, without building it:
+    one- and two-block models are built on the meta device (nothing allocated) and the count
+    extrapolated, as every block of a config has the same size."""
     g = _geometry(model)
     plan = {}
     for axis in AXES:
@@ -246,17 +247,15 @@ def count_pruned(model: nn.Module, layers: Sequence[int], fractions: dict) -> in
             mult = 8 if axis in ("mlp", "hidden") and total >= 128 else 1
             plan[axis] = {"size": keep_count(total, f, mult)}
     cfg = pruned_config(model.config, plan, g)
-    cfg.num_hidden_layers = len(layers)
-    if isinstance(getattr(cfg, "layer_types", None), list):
-        cfg.layer_types = [cfg.layer_types[i] for i in layers]
-    with torch.device("meta"):
-        m = type(model)(cfg)
-    seen, total = set(), 0
-    for p in m.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
+    counts = []
+    for n in (1, 2):
+        cfg.num_hidden_layers = n
+        if isinstance(getattr(model.config, "layer_types", None), list):
+            cfg.layer_types = list(model.config.layer_types[:n])
+        with torch.device("meta"):
+            m = type(model)(cfg)
+        counts.append(sum(p.numel() for p in {id(p): p for p in m.parameters()}.values()))
+    return counts[0] + (len(layers) - 1) * (counts[1] - counts[0])
 
 
 def describe_width(plan: dict, geometry_of: nn.Module) -> dict:
