@@ -28,6 +28,7 @@ bench: setup
 	$(PY) benchmarks/cache.py
 	$(PY) benchmarks/served_teacher.py
 	$(PY) benchmarks/on_policy_engines.py
+	$(PY) benchmarks/students.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,8 +1,8 @@
 """Students at half the demo teacher's size: depth-only vs width-only vs the searched depth+width
 cut, after the same distillation. Run by hand, never as a test:
 
-    nice -n 15 .venv/bin/python benchmarks/students.py                          # prints the tables
-    nice -n 15 .venv/bin/python benchmarks/students.py --write docs/benchmarks.md
+    .venv/bin/python benchmarks/students.py                          # prints the tables
+    .venv/bin/python benchmarks/students.py --write docs/benchmarks.md
 
 Setup: the demo teacher (SmolLM2-135M-Instruct, 30 layers) and the demo's task (first-name
 extraction; the teacher answers the prompts, the training rows it gets wrong are dropped, held-out
@@ -54,7 +54,7 @@ def _row(name: str, rep: dict) -> dict:
 def _markdown(rows: list[dict], teacher: dict, search: dict, args, seconds: float) -> str:
     load = os.getloadavg()
     lines = [HEADING, "",
-             f"Command: `nice -n 15 .venv/bin/python benchmarks/students.py --steps {args.steps} --probe-steps "
+             f"Command: `.venv/bin/python benchmarks/students.py --steps {args.steps} --probe-steps "
              f"{args.probe_steps} --train-rows {args.train_rows} --eval-rows {args.eval_rows} --target {args.target}`"
              f" ({seconds / 60:.0f} min in all; {platform.machine()}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads; 1-minute load average {load[0]:.1f} at the end: other jobs shared "
@@ -86,10 +86,10 @@ def _markdown(rows: list[dict], teacher: dict, search: dict, args, seconds: floa
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench-students")
-    ap.add_argument("--steps", type=int, default=60, help="distillation steps per student")
-    ap.add_argument("--probe-steps", type=int, default=10, help="search probe steps per candidate")
-    ap.add_argument("--train-rows", type=int, default=240)
-    ap.add_argument("--eval-rows", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=40, help="distillation steps per student")
+    ap.add_argument("--probe-steps", type=int, default=8, help="search probe steps per candidate")
+    ap.add_argument("--train-rows", type=int, default=160)
+    ap.add_argument("--eval-rows", type=int, default=80)
     ap.add_argument("--target", type=float, default=0.5, help="parameter budget: share of the teacher")
     ap.add_argument("--write", help="replace this benchmark's section of a markdown file (e.g. docs/benchmarks.md)")
     args = ap.parse_args(argv)

@@ -60,10 +60,21 @@ def test_moe_introspection_and_parameter_counts():
     assert c["params"] - c["params_active"] == 4 * 2 * expert  # two of four experts idle per block
 
 
-def test_dense_student_from_equal_experts_is_the_teacher():
+def make_qwen3_moe(vocab: int):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, moe_intermediate_size=48,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+                         num_experts_per_tok=2, norm_topk_prob=True, initializer_range=0.2, max_position_embeddings=128)
+    return Qwen3MoeForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("make,dense_kind", [(make_mixtral, "MistralForCausalLM"), (make_qwen3_moe, "Qwen3ForCausalLM")])
+def test_dense_student_from_equal_experts_is_the_teacher(make, dense_kind):
     """When every expert of a block is the same MLP, the MoE block is that MLP, and so is the dense
     student's block (the router's top-2 weights sum to 1)."""
-    m = make_mixtral(256)
+    m = make(256)
     with torch.no_grad():
         for blk in m.model.layers:
             blk.mlp.experts.gate_up_proj[:] = blk.mlp.experts.gate_up_proj[2:3].clone()
@@ -73,7 +84,7 @@ def test_dense_student_from_equal_experts_is_the_teacher():
     usage = expert_usage(m, [{"input_ids": ids, "attention_mask": mask}])
     assert all(abs(sum(u) - 1) < 1e-6 for u in usage)
     dense = densify(m, top_experts(usage))
-    assert type(dense).__name__ == "MistralForCausalLM" and param_counts(dense)["params_active"] == param_counts(dense)["params"]
+    assert type(dense).__name__ == dense_kind and param_counts(dense)["params_active"] == param_counts(dense)["params"]
     with torch.no_grad():
         torch.testing.assert_close(dense(input_ids=ids).logits, m(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 

@@ -56,15 +56,15 @@ def test_requested_sizes_load_with_plain_transformers(tmp_path):
 
     model = _arch("llama")
     scores = width_scores(model, _batches())
-    plan = width_plan(model, scores, [0, 1, 2], {"mlp": 0.5, "heads": 0.5, "hidden": 0.75})
+    plan = width_plan(model, scores, [0, 1, 2], {"mlp": 0.5, "heads": 0.5, "hidden": 0.7})
     pruned = prune_width(model, plan)
-    c = pruned.config
-    assert (c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.hidden_size, c.head_dim) == (48, 4, 1, 48, 8)
-    assert count_pruned(model, [0, 1, 2], {"mlp": 0.5, "heads": 0.5, "hidden": 0.75}) == sum(
+    c = pruned.config  # 0.7 · 64 = 44.8 hidden channels -> 44, a multiple of the 4 query heads kept
+    assert (c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.hidden_size, c.head_dim) == (48, 4, 1, 44, 8)
+    assert count_pruned(model, [0, 1, 2], {"mlp": 0.5, "heads": 0.5, "hidden": 0.7}) == sum(
         p.numel() for p in pruned.parameters())
     # the most active channels are the ones kept (per block for the MLP, summed over norms for hidden)
     assert plan["mlp"]["keep"][1] == sorted(scores["mlp"][1].topk(48).indices.tolist())
-    assert plan["hidden"]["keep"] == sorted((scores["hidden"].sum(0) + scores["final"]).topk(48).indices.tolist())
+    assert plan["hidden"]["keep"] == sorted((scores["hidden"].sum(0) + scores["final"]).topk(44).indices.tolist())
     pruned.save_pretrained(tmp_path / "p")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
     ids = _batches()[0]["input_ids"]

@@ -4,7 +4,8 @@ The way Minitron picks its candidates, at laptop scale:
 
 1. **candidates** at the budget (``target_params``): given ones, or generated — the depth-only cut
    (the most blocks that fit), all blocks with the width axes pruned to one common fraction that
-   fits (width-only), and ``depth_levels − 2`` mixes in between (fewer blocks, wider);
+   fits (width-only; MLP channels then fill what rounding left), and ``depth_levels − 2`` mixes in
+   between (fewer blocks, wider);
 2. **probe**: each candidate is cut from the teacher and distilled for ``probe_steps`` steps
    (forward KL at T = 1 on the training rows, AdamW, the same batches for every candidate);
 3. **score**: its mean per-token KL to the teacher on ``probe_eval_rows`` training rows the probe
@@ -104,6 +105,8 @@ def candidates(sc, base: nn.Module, layers_for: Callable[[int], list[int]], budg
         f = _fit_fraction(lambda x: count(n, {a: x for a in sc.axes}), budget)
         if f is not None and f < 1.0:
             width = {a: f for a in sc.axes}
+            if "mlp" in width and len(width) > 1:  # sizes are discrete: MLP channels fill what is left
+                width["mlp"] = max(f, _fit_fraction(lambda x: count(n, {**width, "mlp": max(x, f)}), budget) or f)
             out.append(Candidate(n, width, count(n, width)))
     if not out:
         raise ConfigError(f"student.init.search.target_params: no cut of the teacher fits in {int(budget):,} parameters")

@@ -109,9 +109,25 @@ def keep_count(total: int, fraction: float, multiple: int = 1) -> int:
     """How many of ``total`` units a keep ``fraction`` keeps (at least one; a multiple of ``multiple``
     when that is possible)."""
     k = max(1, round(total * fraction))
-    if multiple > 1 and k >= multiple and total % multiple == 0:
+    if multiple > 1 and total % multiple == 0:
         k = max(multiple, round(k / multiple) * multiple)
     return min(total, k)
+
+
+def keep_sizes(model: nn.Module, fractions: dict) -> dict:
+    """``{axis: units kept}`` for keep ``fractions``: MLP channels a multiple of 8 (when there are at
+    least 128), KV-head groups at least one, hidden channels a multiple of the pruned model's query
+    head count (transformers' Llama config requires ``hidden_size % num_attention_heads == 0``)."""
+    g = _geometry(model)
+    sizes = {}
+    if fractions.get("mlp") is not None:
+        sizes["mlp"] = keep_count(g["mlp"], fractions["mlp"], 8 if g["mlp"] >= 128 else 1)
+    if fractions.get("heads") is not None:
+        sizes["heads"] = keep_count(g["kv"], fractions["heads"])
+    if fractions.get("hidden") is not None:
+        heads = sizes.get("heads", g["kv"]) * g["group"]
+        sizes["hidden"] = keep_count(g["hidden"], fractions["hidden"], heads)
+    return sizes
 
 
 def width_plan(model: nn.Module, scores: dict, layers: Sequence[int], fractions: dict) -> dict:
@@ -121,21 +137,14 @@ def width_plan(model: nn.Module, scores: dict, layers: Sequence[int], fractions:
     the final norm). ``keep`` is per kept block (``mlp``: channels, ``heads``: KV-head groups) or one
     sorted list (``hidden``). Axes missing from ``fractions`` (or None) are not pruned.
     """
-    g = _geometry(model)
     plan: dict = {}
-    for axis in AXES:
-        f = fractions.get(axis)
-        if f is None:
-            continue
+    for axis, k in keep_sizes(model, fractions).items():
         if axis == "hidden":
             score = scores["hidden"][list(layers)].sum(0) + scores["final"]
-            k = keep_count(g["hidden"], f, 8 if g["hidden"] >= 128 else 1)
-            plan[axis] = {"fraction": f, "size": k, "keep": sorted(score.topk(k).indices.tolist())}
-            continue
-        total = g["mlp"] if axis == "mlp" else g["kv"]
-        k = keep_count(total, f, 8 if axis == "mlp" and total >= 128 else 1)
-        keep = [sorted(scores[axis][i].topk(k).indices.tolist()) for i in layers]
-        plan[axis] = {"fraction": f, "size": k, "keep": keep}
+            keep = sorted(score.topk(k).indices.tolist())
+        else:
+            keep = [sorted(scores[axis][i].topk(k).indices.tolist()) for i in layers]
+        plan[axis] = {"fraction": fractions[axis], "size": k, "keep": keep}
     return plan
 
 
@@ -239,13 +248,7 @@ def count_pruned(model: nn.Module, layers: Sequence[int], fractions: dict) -> in
     one- and two-block models are built on the meta device (nothing allocated) and the count
     extrapolated, as every block of a config has the same size."""
     g = _geometry(model)
-    plan = {}
-    for axis in AXES:
-        f = fractions.get(axis)
-        if f is not None:
-            total = {"hidden": g["hidden"], "mlp": g["mlp"], "heads": g["kv"]}[axis]
-            mult = 8 if axis in ("mlp", "hidden") and total >= 128 else 1
-            plan[axis] = {"size": keep_count(total, f, mult)}
+    plan = {axis: {"size": k} for axis, k in keep_sizes(model, fractions).items()}
     cfg = pruned_config(model.config, plan, g)
     counts = []
     for n in (1, 2):
