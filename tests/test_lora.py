@@ -103,11 +103,11 @@ def test_lora_with_on_policy_and_a_multi_pass_method(tiny, tmp_path):
     assert rep["student"]["trainable_params"] < rep["student"]["params"] / 10
     out = tmp_path / "sd"
     cfg = _cfg(tiny, out, method="self_distill", train={"max_steps": 1},
-               self_distill={"iterations": 2, "n": 2, "max_new_tokens": 4, "prompts_per_round": 4})
+               self_distill={"iterations": 1, "n": 2, "max_new_tokens": 4, "prompts_per_round": 4})
     rep = run(load_config(base=cfg), progress=False)
-    for k in (1, 2):  # each round's stage holds its adapters only, read back by the next round
-        assert (out / "self_distill" / f"round-{k}" / "student" / "adapter_model.safetensors").is_file()
-    assert rep["training"]["steps"] == 2 and rep["student"]["lora"]["r"] == 4
+    stage = out / "self_distill" / "round-1" / "student"
+    assert (stage / "adapter_model.safetensors").is_file() and not (stage / "model.safetensors").exists()
+    assert rep["training"]["steps"] == 1 and rep["student"]["lora"]["r"] == 4
     assert "base_layer" not in json.dumps(list(load_file(out / "student" / "model.safetensors")))
     again = run(load_config(base=cfg), progress=False)  # finished rounds are read back from their adapters
     assert again["training"]["resumed_from"] == "round 1 (finished earlier)"
@@ -127,13 +127,15 @@ def test_lora_config_errors(tiny, tmp_path):
 
 
 def test_lora_two_processes_train_like_one(tiny, tmp_path):
+    """Two processes with one micro-batch each = one process accumulating both (DDP with frozen base
+    weights and trained adapters)."""
     from test_distributed import _launch
 
     one, two = tmp_path / "one", tmp_path / "two"
-    for out, n, ga in ((one, 1, 2), (two, 2, 1)):
-        cfg = _cfg(tiny, out, train={"max_steps": 2, "batch_size": 4, "gradient_accumulation_steps": ga})
-        r = _launch(cfg, tmp_path / f"{out.name}.yaml", n)
-        assert r.returncode == 0, r.stderr[-2000:]
+    run(load_config(base=_cfg(tiny, one, train={"max_steps": 2, "batch_size": 4, "gradient_accumulation_steps": 2})),
+        progress=False)
+    r = _launch(_cfg(tiny, two, train={"max_steps": 2, "batch_size": 4}), tmp_path / "two.yaml", 2)
+    assert r.returncode == 0, r.stderr[-2000:]
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
     w1, w2 = load_file(one / "student" / "model.safetensors"), load_file(two / "student" / "model.safetensors")
     for k in w1:

@@ -51,6 +51,11 @@ def _cfg(moe, out, **sections):
     return cfg
 
 
+def _dense(moe) -> dict:
+    """The dense Llama student saved beside the MoE teacher (same tokenizer)."""
+    return {"model": str(moe / "student"), "init": None}
+
+
 def test_moe_introspection_and_parameter_counts():
     m = make_mixtral(256)
     assert supports_hidden(m) and len(decoder_layers(m)) == 4
@@ -107,7 +112,7 @@ def test_dense_student_cut_from_a_moe_teacher_learns(moe, tmp_path):
 
 
 def test_moe_teacher_on_policy_and_features(moe, tmp_path):
-    rep = run(load_config(base=_cfg(moe, tmp_path / "op", method="on_policy", student={"model": str(moe / "student"), "init": None},
+    rep = run(load_config(base=_cfg(moe, tmp_path / "op", method="on_policy", student=_dense(moe),
                                     on_policy={"lambda": 1.0, "max_new_tokens": 4}, features={"weight": 0.5},
                                     data={"max_eval_rows": 4})), progress=False)
     rows = [json.loads(l) for l in (tmp_path / "op" / "metrics.jsonl").read_text().splitlines()]
@@ -121,7 +126,7 @@ def test_moe_teacher_through_the_cache(moe, tmp_path):
     stats = cache_teacher(load_config(base=cfg), say=lambda m: None, progress=False)
     assert stats["rows"] == 48 and stats["top_k"] == 8
     out = tmp_path / "from-cache"
-    rep = run(load_config(base=_cfg(moe, out, teacher={"model": None, "cache": str(cache)}, student={"model": str(moe / "student"), "init": None},
+    rep = run(load_config(base=_cfg(moe, out, teacher={"model": None, "cache": str(cache)}, student=_dense(moe),
                                     data={"max_eval_rows": 4})), progress=False)
     assert rep["teacher"]["kind"] == "cache" and rep["training"]["steps"] == 4
     losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]

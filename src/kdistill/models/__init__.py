@@ -23,5 +23,6 @@ __all__ = [
     "StudentLM", "block_outputs", "cache_dir", "check_vocab", "count_params", "cut_at_eos", "cut_student",
     "decoder_layers", "decoder_states", "demo_teacher_path", "eos_ids", "final_hidden", "hf_model",
     "layer_importance", "load_model", "load_saved", "load_tokenizer", "model_label_logprobs", "num_layers",
-    "output_vocab_size", "param_counts", "resolve_source", "save_model", "select_layers", "supports_hidden", "tokenizer_fingerprint",
+    "output_vocab_size", "param_counts", "resolve_source", "save_model", "select_layers", "supports_hidden",
+    "tokenizer_fingerprint",
 ]
