@@ -150,7 +150,7 @@ def probe(student: nn.Module, teacher: nn.Module, batches: list[dict], signals: 
     t0 = time.time()
     before = held_kl(student, teacher, held, held_hidden, vocab)
     fused = supports_hidden(student) and signals and signals[0][0] is not None
-    t_weight = teacher.get_output_embeddings().weight[:vocab] if fused else None
+    t_weight = teacher.get_output_embeddings().weight[:vocab].detach() if fused else None
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     student.train()
