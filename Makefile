@@ -28,6 +28,7 @@ bench: setup
 	$(PY) benchmarks/cache.py
 	$(PY) benchmarks/served_teacher.py
 	$(PY) benchmarks/on_policy_engines.py
+	$(PY) benchmarks/students.py
 
 bench-lm-eval: setup   # lm-eval on the demo teacher and its student (after `make demo`)
 	$(PY) benchmarks/lm_eval_demo.py

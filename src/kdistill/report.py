@@ -166,6 +166,7 @@ def markdown(report: dict) -> str:
             + (f"; {tr['truncated_rows']} rows truncated to data.max_length" if tr.get("truncated_rows") else "")
         )
     lines.append(f"- held-out rows: {report.get('eval_rows')}")
+    lines += student_lines(report)
     lines += ["", "| metric | teacher | student (initial) | student (trained) | retention |", "|---|---|---|---|---|"]
     for row in metrics_table(report):
         lines.append("| " + " | ".join(row) + " |")
@@ -214,6 +215,33 @@ def markdown(report: dict) -> str:
                     lines.append(f"  - {k}: {smp[k]!r}")
         lines.append("")
     return "\n".join(lines)
+
+
+def student_lines(report: dict) -> list[str]:
+    """report.md lines on how the student was built: active / trainable parameters, width, the cut search."""
+    s, t = report["student"], report["teacher"]
+    lines = []
+    for who, d in (("teacher", t), ("student", s)):
+        if d.get("params_active") and d.get("params") and d["params_active"] != d["params"]:
+            lines.append(f"- {who}: {_fmt(d['params_active'])} active parameters per token of {_fmt(d['params'])}")
+    if s.get("trainable_params") is not None and s.get("params") and s["trainable_params"] != s["params"]:
+        lines.append(f"- trained parameters: {_fmt(s['trainable_params'])}" + (
+            f" (LoRA r={s['lora']['r']}, merged on save: {s['lora']['merge']})" if s.get("lora") else ""))
+    init = s.get("init") or {}
+    if init.get("width"):
+        lines.append("- width kept: " + ", ".join(f"{a} {v['size']} ({v['fraction']:g})" for a, v in init["width"].items()))
+    search = init.get("search")
+    if search:
+        lines += ["", f"Cut search at {_fmt(search['target_params'])} parameters ({search['probe_steps']} probe steps, "
+                  f"KL on {search['probe_eval_rows']} held-out training rows):", "",
+                  "| candidate | layers | width | params | KL before | KL after |", "|---|---|---|---|---|---|"]
+        for i, c in enumerate(search["candidates"]):
+            width = ", ".join(f"{a} {f:g}" for a, f in c["width"].items()) or "full"
+            mark = " **(kept)**" if i == search["chosen"] else ""
+            lines.append(f"| {c['kind']}{mark} | {c['num_layers']} | {width} | {_fmt(c['params'])} | "
+                         f"{_fmt(c['kl_before'])} | {_fmt(c['kl_after'])} |")
+        lines.append("")
+    return lines
 
 
 def plot(report: dict, metrics_path: Optional[Path], out_dir: Path) -> list[str]:

@@ -35,7 +35,7 @@ from kdistill.errors import ConfigError, DataError
 from kdistill.evaluate import BestKeeper, eval_fingerprint, heldout_figures, measure_speed
 from kdistill.methods import build_method, method_class, method_names
 from kdistill.methods.base import RunContext
-from kdistill.models import StudentLM, check_vocab, count_params, output_vocab_size, tokenizer_fingerprint
+from kdistill.models import StudentLM, check_vocab, count_params, output_vocab_size, param_counts, tokenizer_fingerprint
 from kdistill.report import build_report, model_card, write_report
 from kdistill.sharding import describe as describe_sharding
 from kdistill.sharding import prepare_teacher, shards_models, whole_student
@@ -43,7 +43,7 @@ from kdistill.stages import StageRunner
 from kdistill.runfolder import LEGACY, LOCK
 from kdistill.runfolder import prepare as prepare_run_folder
 from kdistill.store import check_own_folder, claim_folder, exclusive, memo_json
-from kdistill.students import build_student, display_name
+from kdistill.students import build_student, display_name, save_student, student_facts
 from kdistill.teachers import BuildEnv, HeldOut, build_teacher, load_teacher_weights, primary_teacher, teacher_configs
 from kdistill.teachers.build import uses_model
 from kdistill.teachers.cross import preflight, teacher_renderer
@@ -362,7 +362,7 @@ class Run:
     def _describe_teacher(self) -> dict:
         prim = primary_teacher(self.cfg)
         if self.t_model is not None:
-            return {"name": display_name(prim.model), "params": count_params(self.t_model), "kind": "local"}
+            return {"name": display_name(prim.model), **param_counts(self.t_model), "kind": "local"}
         if self.teacher is None:
             return {"name": "(teacher-written data)", "params": None, "kind": "none"}
         d = self.teacher.describe()
@@ -383,7 +383,7 @@ class Run:
         return self.teacher.unavailable(self.teacher_ev)
 
     def report_and_save(self) -> dict:
-        student_desc = {"name": self.student_name, "params": count_params(self.student),
+        student_desc = {"name": self.student_name, **student_facts(self.student, self.cfg, self.out),
                         "teacher_layers": self.teacher_layers}
         method_summary = self.method.summary() if self.method is not None and self.training else {}
         rep = build_report(self.cfg.method, self._describe_teacher(), student_desc, self.teacher_ev, self.initial_ev,
@@ -397,8 +397,7 @@ class Run:
         if self.acc.is_main_process:
             if self.training:
                 sdir = self.out / "student"
-                self.student.save_pretrained(str(sdir))
-                self.tokenizer.save_pretrained(str(sdir))
+                save_student(self.student, self.tokenizer, sdir, self.cfg)
                 (sdir / "README.md").write_text(model_card(rep, dump_config(self.cfg)))
             write_report(rep, self.out)
         return rep

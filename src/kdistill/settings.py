@@ -20,6 +20,7 @@ from kdistill.filters import FiltersConfig, JudgeConfig  # noqa: F401  (re-expor
 from kdistill.losses.divergences import registered as divergence_names
 from kdistill.section import ALIASED, Section
 from kdistill.topk_cache import CacheConfig
+from kdistill.student_settings import LoraConfig, SearchConfig, WidthConfig
 
 LAYER_SELECTIONS = ("uniform", "first", "last", "first_last", "importance")
 ENGINE_DESCRIPTION = "how the student's samples are generated: transformers (generate, KV cache) or vllm (see vllm:)"
@@ -100,7 +101,12 @@ class StudentInit(Section):
                                  "of teacher.model: a local copy of the weights of a teacher served over HTTP")
     num_layers: Optional[int] = Field(None, ge=1)
     layer_selection: Union[Literal["uniform", "first", "last", "first_last", "importance"], list[int]] = "uniform"
-    importance_samples: int = Field(32, ge=1, description="training rows used to score block importance")
+    importance_samples: int = Field(32, ge=1, description="training rows used to score block (and width) importance")
+    width: Optional[WidthConfig] = Field(None, description="width pruning: shares of MLP channels, head groups, "
+                                         "hidden channels kept (with width and no num_layers, every block is kept)")
+    search: Optional[SearchConfig] = Field(None, description="pick the depth/width split by short distillation probes")
+    moe: Literal["dense", "keep"] = Field("dense", description="a mixture-of-experts teacher: dense = each block's "
+                                          "most-used expert becomes a dense MLP; keep = the student keeps the experts")
 
     @field_validator("layer_selection", mode="before")
     @classmethod
@@ -117,6 +123,7 @@ class StudentConfig(Section):
     revision: Optional[str] = None
     trust_remote_code: bool = False
     freeze_embeddings: bool = False
+    lora: Optional[LoraConfig] = Field(None, description="train LoRA adapters (peft) instead of the student's weights")
 
     @model_validator(mode="after")
     def _one_source(self) -> "StudentConfig":
@@ -126,6 +133,9 @@ class StudentConfig(Section):
             raise ValueError("set only one of student.model and student.init")
         if self.init is not None and not self.init.from_teacher and self.init.from_ is None:
             raise ValueError("student.init.from_teacher must be true (or give student.init.from, or student.model)")
+        if self.init is not None and self.init.search is not None and (
+                self.init.num_layers or self.init.width or isinstance(self.init.layer_selection, list)):
+            raise ValueError("student.init.search: picks num_layers and width itself; remove them (or the search)")
         return self
 
 

@@ -342,7 +342,7 @@ def _save_checkpoint(acc, root: Path, step: int, cursor: int, tokens: int, keep:
         acc.save_state(str(tmp))
         if acc.is_main_process:
             atomic_write(tmp / "trainer_state.json",
-                         json.dumps({"step": step, "cursor": cursor, "tokens": tokens, "seconds": round(seconds, 2)}))
+                         json.dumps({"step": step, "cursor": cursor, "tokens": tokens, "seconds": seconds}))
             tmp.rename(final)
     except (OSError, RuntimeError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -72,6 +72,9 @@ class Progressive(Method):
     def check_config(cls, cfg) -> None:
         if not cfg.progressive.layers:
             raise ValueError("method progressive: set progressive.layers (the student sizes after stage 0, e.g. [12, 8])")
+        if cfg.student is not None and cfg.student.lora is not None:
+            raise ValueError("student.lora: method progressive cuts the student's blocks between stages, which a LoRA "
+                             "student's frozen weights cannot follow; use LoRA with a single-size method")
 
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)

@@ -16,6 +16,7 @@ from torch import nn
 from kdistill.data import IGNORE_INDEX
 from kdistill.losses import label_logprobs
 from kdistill.models.introspect import block_outputs, decoder_states, final_hidden, hf_model, supports_hidden
+from kdistill.models.lora import is_lora, load_adapter_copy
 from kdistill.store import on_main
 
 
@@ -84,7 +85,10 @@ def save_model(model: nn.Module, folder: Path) -> None:
 
 
 def load_saved(like: nn.Module, folder: Path) -> nn.Module:
-    """A model saved by :func:`save_model`, same class, dtype and device as ``like``."""
+    """A model saved by :func:`save_model`, same class, dtype and device as ``like`` (a LoRA
+    student: a copy of ``like`` with the saved adapters)."""
+    if is_lora(like):
+        return load_adapter_copy(like, folder)
     p = next(like.parameters())
     model = type(like).from_pretrained(str(folder), dtype=p.dtype)
     return model.to(p.device).eval()
