@@ -30,7 +30,7 @@ from kdistill.store import atomic_write, read_json
 from kdistill.teachers import HeldOut, LocalTeacher, ServedTeacher
 from kdistill.teachers.text import answered_figures
 from kdistill.topk_cache import (FORMAT, LOGPROB_SCALE, TEACHER_EVAL_FILE, VERSION, TopKCache, append_shard,
-                                 cached_positions, id_bytes, open_for_writing, token_hash)
+                                 cached_context, cached_positions, id_bytes, open_for_writing, token_hash)
 
 log = logging.getLogger("kdistill")
 
@@ -118,7 +118,8 @@ def cache_teacher(cfg, say: Callable[[str], None] = log.info, progress: bool = T
             if bar is not None:
                 bar.update(int(i.shape[0]))
         append_shard(path, manifest, [f["id"] for f in shard], [token_hash(f) for f in shard],
-                     [cached_positions(f) for f in shard], np.concatenate(idx_parts), np.concatenate(lp_parts), vocab)
+                     [cached_positions(f) for f in shard], np.concatenate(idx_parts), np.concatenate(lp_parts), vocab,
+                     context=np.asarray([t for f in shard for t in cached_context(f)], np.int64))
     if bar is not None:
         bar.close()
     dt = time.time() - t1
