@@ -23,10 +23,11 @@ from typing import Callable, Optional
 import torch
 from accelerate import Accelerator
 
+from kdistill.batching import make_collate, packing_refusal
 from kdistill.config import check_paths, dump_config
 from kdistill.console import quiet
 from kdistill.curriculum import describe, difficulty
-from kdistill.data import Example, Renderer, collate, encode_examples, load_examples, mix_tasks, split_examples, tag_task, task_of
+from kdistill.data import Example, Renderer, encode_examples, load_examples, mix_tasks, split_examples, tag_task, task_of
 from kdistill.errors import ConfigError, DataError
 from kdistill.evaluate import BestKeeper, heldout_figures, measure_speed
 from kdistill.methods import build_method, method_class, method_names
@@ -234,6 +235,10 @@ class Run:
         except ValueError as exc:
             raise ConfigError(f"method: {exc}") from None
         self.feats = self.method.train_features() or self.feats
+        if self.cfg.train.batching == "packed":  # refused before any figure is computed
+            why = packing_refusal(self.method, self.teacher, self.student)
+            if why:
+                raise ConfigError(why)
 
     # -- phase 3: figures before training ------------------------------------------------------
 
@@ -299,7 +304,8 @@ class Run:
         if cfg.eval.every:
             keeper = BestKeeper(cfg.eval.select_best, lambda s: self._student_figures(s)["metrics"], self.out, self.say,
                                 fresh=_latest_checkpoint(self.out / "checkpoints") is None)
-        result = train(wrapper, self.method, self.feats, lambda b: collate(b, self.tokenizer.pad_token_id), cfg.train,
+        collate_fn = make_collate(cfg.train.batching, self.tokenizer.pad_token_id, self.student)
+        result = train(wrapper, self.method, self.feats, collate_fn, cfg.train,
                        self.out, accelerator=acc, progress=self.progress, curriculum=curriculum,
                        evaluator=(cfg.eval.every, keeper) if keeper is not None else None)
         self.student = acc.unwrap_model(wrapper).model
@@ -308,7 +314,7 @@ class Run:
                      + (" (training was already complete)" if result.resumed_from == result.steps else ""))
         training = {"steps": result.steps, "seconds": round(result.seconds, 1), "train_rows": len(self.feats),
                     "items": result.tokens, "resumed_from": result.resumed_from, "stopped_early": result.stopped_early,
-                    "truncated_rows": self.truncated}
+                    "truncated_rows": self.truncated, "batching": cfg.train.batching, "throughput": result.throughput}
         if curriculum is not None:
             training["curriculum"] = describe(cfg.curriculum, curriculum[1], result.steps)
         if keeper is not None:

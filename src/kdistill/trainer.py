@@ -25,7 +25,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from kdistill.batching import grouped_schedule, padding_counts
 from kdistill.curriculum import schedule
+from kdistill.throughput import StepMeter, cache_file, clock, peak_flops
 
 
 @dataclass
@@ -35,6 +37,7 @@ class TrainResult:
     seconds: float
     tokens: int
     stopped_early: bool
+    throughput: Optional[dict] = None  # tokens/s, MFU, padding share, step split (kdistill.throughput)
 
 
 @functools.lru_cache(maxsize=2)
@@ -125,6 +128,7 @@ def train(
     if curriculum is not None:
         cc, scores = curriculum
         pick = schedule(cc, scores, tcfg.batch_size, tcfg.seed, total_steps, ga * world)
+    grouped = grouped_schedule(features, tcfg.batch_size, tcfg.seed) if tcfg.batching == "length_grouped" else None
 
     def micro_batches(start: int):
         """This process's micro-batches from global index ``start`` on, epoch after epoch.
@@ -139,7 +143,8 @@ def train(
                 rows = pick(g) if pick is not None else None
                 if rows is None:
                     epoch, j = divmod(g, per_epoch)
-                    rows = _epoch_batches(len(features), tcfg.batch_size, tcfg.seed, epoch)[j]
+                    rows = (grouped(epoch) if grouped is not None
+                            else _epoch_batches(len(features), tcfg.batch_size, tcfg.seed, epoch))[j]
                 yield _move(collate_fn([features[k] for k in rows]), acc.device)
             g += 1
 
@@ -153,10 +158,14 @@ def train(
 
     t0 = time.time()
     stopped_early = False
+    p0 = next(model.parameters())
+    meter = StepMeter(acc.unwrap_model(model), *peak_flops(p0.device, p0.dtype, tcfg.peak_tflops, cache_file()))
     model.train()
     while step < total_steps:
         # 1. the micro-batches of this optimizer step, and the global item count
-        group = [method.prepare_batch(b, model) for b in (early or [next(stream) for _ in range(ga)])]
+        meter.start()
+        with clock.section("sample"):
+            group = [method.prepare_batch(b, model) for b in (early or [next(stream) for _ in range(ga)])]
         early = []
         if method.looks_ahead and step + 1 < total_steps:  # the cursor counts only what is trained: resume
             early = [next(stream) for _ in range(ga)]     # is unchanged
@@ -186,6 +195,8 @@ def train(
         step += 1
         cursor += ga * world
         tokens_seen += int(n_global)
+        real, positions = (sum(c) for c in zip(*(padding_counts(b) for b in group)))
+        speed = meter.stop(real, positions, int(n_global))
 
         # 3. periodic held-out evaluation (every process evaluates), then the log row
         scores: dict = {}
@@ -202,6 +213,7 @@ def train(
                 "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
                 "items": int(n_global),
                 "elapsed_s": round(time.time() - t0, 2),
+                **speed,
                 **{k: round(v, 6) for k, v in extra.items()},
                 **{f"eval_{k}": v for k, v in scores.items()},
             }
@@ -221,7 +233,7 @@ def train(
     if bar is not None:
         bar.close()
     model.eval()
-    return TrainResult(step, resumed_from, time.time() - t0, tokens_seen, stopped_early)
+    return TrainResult(step, resumed_from, time.time() - t0, tokens_seen, stopped_early, meter.summary())
 
 
 class _nullcontext:

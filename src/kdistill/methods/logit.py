@@ -13,6 +13,7 @@ from kdistill.features import FeatureAdapters, feature_loss, hidden_size, layer_
 from kdistill.losses import distill_loss, fused_distill_loss
 from kdistill.methods.base import Method, RunContext, register
 from kdistill.teachers.multi import signal_parts
+from kdistill.throughput import clock
 
 
 @register
@@ -20,6 +21,7 @@ class LogitMethod(Method):
     name = "logit"
     uses_loss = True
     uses_features = True
+    packs = True  # model and teacher forwards take packed rows; the losses are per token
 
     @classmethod
     def teacher_needs(cls, cfg) -> frozenset:
@@ -95,7 +97,8 @@ class LogitMethod(Method):
         loss = 0.0
         if self.use_fused(model):
             s_hidden, s_weight, *s_feats = model(ids, mask, hidden=True, **s_layers)
-            signal = self.ctx.teacher.signal(batch, hidden=True, **t_layers)
+            with clock.section("teacher"):
+                signal = self.ctx.teacher.signal(batch, hidden=True, **t_layers)
             for w, t in signal_parts(signal):  # one part, or several teachers with loss.teacher_mix: sum
                 if t.topk is not None:
                     part = fused_distill_loss(
@@ -115,7 +118,8 @@ class LogitMethod(Method):
             out = model(ids, mask, **s_layers)
             logits, s_feats = (out[0], out[1:]) if feats else (out, [])
             logits = logits[..., :V]
-            signal = self.ctx.teacher.signal(batch, hidden=False, **t_layers)
+            with clock.section("teacher"):
+                signal = self.ctx.teacher.signal(batch, hidden=False, **t_layers)
             for w, t in signal_parts(signal):
                 loss = loss + w * distill_loss(logits, t.logits, labels, num_items=num_items, teacher_topk=t.topk,
                                                **kw)
