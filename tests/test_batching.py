@@ -214,3 +214,14 @@ def test_step_clock_sections_are_exclusive_and_peak_is_measured_once(tmp_path):
     assert peak_flops(torch.device("cpu"), torch.float32, 2.0, cache) == (2e12, "train.peak_tflops")
     llama = make_llama(300, layers=2, hidden=64)
     assert linear_params(llama) == 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128) + 300 * 64
+
+
+def test_on_policy_samples_are_packed_and_the_step_split_names_sampling(tiny, tmp_path):
+    out = tmp_path / "op"
+    cfg = base_config(tiny, out, method="on_policy", on_policy={"lambda": 1.0, "max_new_tokens": 6},
+                      train={"max_steps": 2, "batching": "packed"}, eval={"generate": False, "speed_prompts": 0})
+    rep = run(load_config(base=cfg), progress=False)
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["on_policy"] == 1.0 and r["sample_s"] > 0 and r["teacher_s"] > 0 for r in rows)
+    assert all(r["padding"] < 0.25 for r in rows)
+    assert rep["training"]["throughput"]["step_split"]["sample"] > 0
