@@ -28,6 +28,8 @@ bench: setup
 	$(PY) benchmarks/cache.py
 	$(PY) benchmarks/served_teacher.py
 	$(PY) benchmarks/on_policy_engines.py
+	$(PY) benchmarks/padding.py
+	$(PY) benchmarks/on_policy_speed.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
