@@ -249,8 +249,8 @@ class TrainConfig(Section):
     num_threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     batching: Literal["shuffle", "length_grouped", "packed"] = Field(
         "length_grouped", description="shuffle: padded to each micro-batch's longest row; length_grouped: rows of "
-        "similar length share a micro-batch (seeded; little padding); packed: rows packed into rows of "
-        "data.max_length with per-sequence positions (no padding; see kdistill.batching)")
+        "similar length share a micro-batch (seeded; little padding); packed: each micro-batch's rows packed into "
+        "rows of one width with per-sequence positions (see kdistill.batching)")
     peak_tflops: Optional[float] = Field(
         None, gt=0, description="peak TFLOP/s of one device for the utilisation (MFU) figures, e.g. a GPU's datasheet "
         "figure for the training dtype; none = measured once per machine with a matmul probe")

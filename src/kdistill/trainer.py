@@ -158,8 +158,8 @@ def train(
 
     t0 = time.time()
     stopped_early = False
-    p0 = next(model.parameters())
-    meter = StepMeter(acc.unwrap_model(model), *peak_flops(p0.device, p0.dtype, tcfg.peak_tflops, cache_file()))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.mixed_precision, next(model.parameters()).dtype)
+    meter = StepMeter(acc.unwrap_model(model), *peak_flops(acc.device, dtype, tcfg.peak_tflops, cache_file()))
     model.train()
     while step < total_steps:
         # 1. the micro-batches of this optimizer step, and the global item count
