@@ -29,6 +29,8 @@ bench: setup
 	$(PY) benchmarks/served_teacher.py
 	$(PY) benchmarks/on_policy_engines.py
 	$(PY) benchmarks/students.py
+	$(PY) benchmarks/padding.py
+	$(PY) benchmarks/on_policy_speed.py
 
 bench-lm-eval: setup   # lm-eval on the demo teacher and its student (after `make demo`)
 	$(PY) benchmarks/lm_eval_demo.py

@@ -165,6 +165,13 @@ def markdown(report: dict) -> str:
             + (f" (resumed from step {tr['resumed_from']})" if tr.get("resumed_from") else "")
             + (f"; {tr['truncated_rows']} rows truncated to data.max_length" if tr.get("truncated_rows") else "")
         )
+    tp = (tr or {}).get("throughput")
+    if tp:
+        sp = tp.get("step_split") or {}
+        lines.append(f"- throughput: {_fmt(tp['tokens_per_s'])} trained tokens/s, model FLOPs utilisation "
+                     f"{tp['mfu']:.2%} of {_fmt(tp['peak_tflops'])} TFLOP/s ({tp['peak_from']}), padding "
+                     f"{tp['padding']:.1%} of positions (batching: {tr.get('batching', '?')}); step time: "
+                     + ", ".join(f"{k} {v:.0%}" for k, v in sp.items()))
     lines.append(f"- held-out rows: {report.get('eval_rows')}")
     lines += student_lines(report)
     lines += ["", "| metric | teacher | student (initial) | student (trained) | retention |", "|---|---|---|---|---|"]

@@ -26,10 +26,11 @@ import torch
 from accelerate import Accelerator
 
 from kdistill import trackers
+from kdistill.batching import make_collate, packing_refusal
 from kdistill.config import check_paths, dump_config
 from kdistill.console import quiet
 from kdistill.curriculum import describe, difficulty
-from kdistill.data import Example, Renderer, collate, encode_examples
+from kdistill.data import Example, Renderer, encode_examples
 from kdistill.splits import read_rows
 from kdistill.errors import ConfigError, DataError
 from kdistill.evaluate import BestKeeper, eval_fingerprint, heldout_figures, measure_speed
@@ -236,6 +237,10 @@ class Run:
         except ValueError as exc:
             raise ConfigError(f"method: {exc}") from None
         self.feats = self.method.train_features() or self.feats
+        if self.cfg.train.batching == "packed":  # refused before any figure is computed
+            why = packing_refusal(self.method, self.teacher, self.student)
+            if why:
+                raise ConfigError(why)
 
     # -- phase 3: figures before training ------------------------------------------------------
 
@@ -312,8 +317,9 @@ class Run:
         if cfg.eval.every:
             keeper = BestKeeper(cfg.eval.select_best, lambda s: self._student_figures(s)["metrics"], self.out, self.say,
                                 fresh=latest_checkpoint(self.out / "checkpoints") is None)
+        collate_fn = make_collate(cfg.train.batching, self.tokenizer.pad_token_id, self.student)
         with InterruptGuard() as guard:  # Ctrl-C: stop after this step, still report (and say so)
-            result = train(wrapper, self.method, self.feats, lambda b: collate(b, self.tokenizer.pad_token_id),
+            result = train(wrapper, self.method, self.feats, collate_fn,
                            cfg.train, self.out, accelerator=acc, progress=self.progress, curriculum=curriculum,
                            evaluator=(cfg.eval.every, keeper) if keeper is not None else None, interrupt=guard,
                            say=self.say)
@@ -324,7 +330,8 @@ class Run:
         training = {"steps": result.steps, "seconds": round(result.seconds, 1), "train_rows": len(self.feats),
                     "items": result.tokens, "resumed_from": result.resumed_from, "stopped_early": result.stopped_early,
                     "truncated_rows": self.truncated, "stopped_by": result.stopped_by,
-                    "planned_steps": result.planned_steps}
+                    "planned_steps": result.planned_steps, "batching": cfg.train.batching,
+                    "throughput": result.throughput}
         if curriculum is not None:
             training["curriculum"] = describe(cfg.curriculum, curriculum[1], result.steps)
         if shards_models(acc):

@@ -1,6 +1,7 @@
 """Sampling from a model: the one generation loop, and the student samplers of the methods.
 
-:func:`sample_completions` is the one generation loop (left padding, KV cache, eval mode): it
+:func:`sample_completions` is the one generation loop (left padding, KV cache, eval mode; rows that end
+leave the batch, :mod:`kdistill.decode`): it
 returns each completion's *token ids*, cut after the first end-of-sequence token (EOS kept, what
 follows dropped). :func:`sample_texts` decodes them. :func:`make_sampler` gives a method the
 sampler its ``engine`` setting asks for: :class:`HFSampler` (transformers) or a colocated vLLM
@@ -16,6 +17,8 @@ import torch
 from torch import nn
 
 from kdistill.data import collate_prompts
+from kdistill.decode import decode, supports_lean_loop
+from kdistill.throughput import clock, linear_params
 from kdistill.models.introspect import cut_at_eos, eos_ids, hf_model
 from kdistill.vllm_engine import VllmSampler
 
@@ -31,13 +34,16 @@ def sample_completions(
     num_samples: int = 1,
     device=None,
     min_new_tokens: int = 0,
+    lean_loop: bool = True,
 ) -> list[list[int]]:
     """Completion ids for each prompt (``num_samples`` consecutive entries per prompt).
 
     ``temperature`` 0 is greedy; otherwise plain ancestral sampling from ``softmax(logits / T)``
     (top-k/top-p off, so the samples follow the model's own distribution). Each completion ends
     with its EOS when the model produced one within ``max_new_tokens``; ``min_new_tokens`` forbids
-    an EOS before that many tokens (used to time generation of a fixed length).
+    an EOS before that many tokens (used to time generation of a fixed length). ``lean_loop``: with a
+    model that allows it, :func:`kdistill.decode.decode` (finished rows leave the batch) instead of
+    ``generate``.
     """
     hf = hf_model(model)
     device = device or next(hf.parameters()).device
@@ -46,10 +52,17 @@ def sample_completions(
     pad = tokenizer.pad_token_id
     eos = eos_ids(hf, tokenizer)
     out: list[list[int]] = []
+    lean = lean_loop and supports_lean_loop(hf)
     try:
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
             b = collate_prompts(chunk, pad)
+            if lean:  # finished rows leave the batch (kdistill.decode)
+                ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
+                if num_samples > 1:
+                    ids, mask = ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0)
+                out += [cut_at_eos(c, eos) for c in decode(hf, ids, mask, max_new_tokens, eos, temperature, min_new_tokens)]
+                continue
             kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
                           num_return_sequences=num_samples)
             if min_new_tokens:
@@ -59,6 +72,7 @@ def sample_completions(
             else:
                 kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
             gen = hf.generate(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), **kwargs)
+            clock.add_flops(2 * linear_params(hf) * int(gen.numel()))  # an upper bound: generate runs finished rows on
             for row in gen[:, b["input_ids"].shape[1]:].tolist():
                 out.append(cut_at_eos(row, eos))
     finally:

@@ -280,6 +280,13 @@ class TrainConfig(Section):
     )
     report_to: Optional[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         None, description="also log loss and eval figures per step to this tracker (through accelerate)")
+    batching: Literal["shuffle", "length_grouped", "packed"] = Field(
+        "length_grouped", description="shuffle: padded to each micro-batch's longest row; length_grouped: rows of "
+        "similar length share a micro-batch (seeded; little padding); packed: each micro-batch's rows packed into "
+        "rows of one width with per-sequence positions (see kdistill.batching)")
+    peak_tflops: Optional[float] = Field(
+        None, gt=0, description="peak TFLOP/s of one device for the utilisation (MFU) figures, e.g. a GPU's datasheet "
+        "figure for the training dtype; none = measured once per machine with a matmul probe")
 
     @model_validator(mode="after")
     def _length(self) -> "TrainConfig":

@@ -14,26 +14,23 @@ Layout of a cache folder::
     shard-00000.npz      rows keyed by sample id (np.savez_compressed, no pickle)
     ...
 
-A shard holds, for its ``n`` rows and ``T`` cached tokens:
+A shard is a dict of named arrays (``np.savez_compressed``, no pickle; arrays other code adds are
+kept as they are). For its ``n`` rows and ``T`` cached tokens it holds ``sample_ids`` ``[n]`` bytes
+(UTF-8), ``token_hash`` ``[n]`` bytes (hash of the row's input ids and labels, to detect data changed
+since caching), ``offsets`` ``[n+1]`` int64 (token ranges), and the top-k in one of two codecs
+(:mod:`kdistill.topk_codec`), named per shard in the manifest (``"codec"``, default 1):
 
-* ``sample_ids`` ``[n]`` bytes (UTF-8), ``token_hash`` ``[n]`` bytes (hash of the row's input ids and
-  labels, to detect data changed since caching), ``offsets`` ``[n+1]`` int64 (token ranges);
-* ``ids`` ``[B, T, k]`` uint8: token ids as ``B`` little-endian byte planes (B = 2 when the
-  vocabulary fits in uint16, 3 up to 2^24, else 4); byte planes compress better than whole ints;
-* ``top1`` ``[T]`` float32: the largest log-prob of each position;
-* ``log_rest`` ``[T]`` float32: log of the tail mass ``1 − Σ top-k``, computed in float64 from the
-  teacher's (float32) top-k log-probs before quantization. Decoding shifts log-probs 2..k by one
-  common amount (at most one grid step) so that ``1 − Σ top-k`` is this tail again. The losses
-  derive the tail bucket from ``1 − Σ top-k``; for a confident teacher (tail ~1e-6) rounding alone
-  would move it by a large factor, and the reverse-KL-like divergences weigh ``log tail`` by the
-  student's tail mass. With the correction every divergence from the cache is within ~1e-5
-  (relative) of the same loss from the uncompressed top-k (``benchmarks/cache.py`` measures it);
-* ``gaps`` ``[2, T, k-1]`` uint8: the other log-probs (sorted, descending) quantized on a grid of
-  ``1/scale`` nats below ``top1`` (``q_j = round((top1 − lp_j)·scale)``, non-decreasing in j),
-  stored as uint16 differences ``q_j − q_{j−1}`` in two byte planes. Rounding error ≤ 1/(2·scale)
-  nats per entry (scale 256: 0.002 nats), never accumulated (it is the grid value that is
-  delta-coded). Scale 256 (the default) keeps the loss within ~1e-4 (relative) of the uncompressed
-  top-k loss for every divergence and costs ~50 bytes per token after compression.
+* **version 1** (caches written before version 2; still read): ids as byte planes, log-probs on a
+  uniform 1/256-nat grid below the top-1, zlib — about 175 bytes per token at top-64;
+* **version 2** (written now): log-probs on a grid that is fine near the top-1 and coarse in the
+  tail, ties stored as sets, ids coded against the token read at that position (``ctx``), every
+  stream LZMA-compressed — about half the size, with every divergence within 1e-4 (relative) of
+  the uncompressed top-k loss (``benchmarks/cache.py`` measures both on the demo teacher).
+
+Both store the tail mass ``log(1 − Σ top-k)`` computed in float64 from the teacher's top-k, and
+decoding moves the quantized log-probs (within their rounding intervals) so that ``1 − Σ top-k`` is
+that tail again: the losses derive the tail bucket from ``1 − Σ top-k``, and for a confident teacher
+(tail ~1e-6) rounding alone would move it by a large factor.
 
 Writes are crash-safe and resumable (:class:`CacheWriter`): a new cache writes its manifest first;
 a shard is written to a temporary file, fsynced and renamed, and the manifest (also tmp + rename) is
@@ -64,11 +61,13 @@ from kdistill.models.vocab import tokenizer_fingerprint
 from kdistill.section import Section
 from kdistill.store import LOCK_FILE as LOCK
 from kdistill.store import MARK, atomic_write
+from kdistill.topk_codec import (  # noqa: F401  (version 1 codec, re-exported)
+    LOGPROB_SCALE, V2_KNEE, V2_SCALE, decode_shard_v2, decode_topk, encode_shard_v2, encode_topk, id_bytes)
 
 FORMAT = "kdistill-topk-cache"
-VERSION = 1
-LOGPROB_SCALE = 256  # grid of log-probs below top-1: 1/256 nats (max rounding error 0.002 nats)
-_QMAX = 65535
+VERSION = 2  # of the manifest; each shard names its own codec (1 or 2), so old caches stay readable
+READS = (1, 2)
+CODEC = 2  # what new shards are written with
 TEACHER_EVAL_FILE = "teacher_eval.json"  # beside the shards: the teacher's held-out figures (cache-teacher)
 
 
@@ -86,71 +85,6 @@ class CacheConfig(Section):
 
 class CacheError(KDistillError):
     """A teacher cache is missing, corrupted, or does not match the data, tokenizer or vocabulary."""
-
-
-# ---------------------------------------------------------------------------------------------
-# codec: top-k ids/log-probs <-> compact arrays
-
-
-def id_bytes(vocab_size: int) -> int:
-    """Bytes per stored token id: 2 up to 65,536 tokens, 3 up to 2^24, else 4."""
-    return 2 if vocab_size <= 1 << 16 else 3 if vocab_size <= 1 << 24 else 4
-
-
-def encode_topk(indices: np.ndarray, logprobs: np.ndarray, vocab_size: int, log_rest: Optional[np.ndarray] = None,
-                scale: int = LOGPROB_SCALE) -> dict:
-    """Compact arrays for ``T`` positions.
-
-    Args:
-        indices: ``[T, k]`` token ids, ``logprobs``: ``[T, k]`` float, each row sorted descending.
-        log_rest: ``[T]`` log of the mass outside the top-k (default: ``log(1 − Σ exp(logprobs))``).
-    Returns:
-        ``{"ids": [B, T, k] uint8, "top1": [T] float32, "gaps": [2, T, k-1] uint8, "log_rest": [T] float32}``.
-    """
-    indices = np.asarray(indices, dtype=np.int64)
-    lp = np.asarray(logprobs, dtype=np.float64)
-    T, k = indices.shape
-    nb = id_bytes(vocab_size)
-    ids = indices.astype("<u4").view(np.uint8).reshape(T, k, 4)[..., :nb]
-    ids = np.ascontiguousarray(ids.transpose(2, 0, 1))
-    top1 = lp[:, 0].astype(np.float32)
-    below = top1.astype(np.float64)[:, None] - lp[:, 1:]
-    below = np.where(np.isfinite(below), below, np.inf)
-    q = np.clip(np.round(below * scale), 0, _QMAX)
-    q = np.maximum.accumulate(q, axis=1).astype(np.int64)  # sorted input: already monotone; guard anyway
-    d = np.diff(np.concatenate([np.zeros((T, 1), np.int64), q], axis=1), axis=1).astype("<u2")
-    gaps = np.ascontiguousarray(d.view(np.uint8).reshape(T, k - 1, 2).transpose(2, 0, 1))
-    if log_rest is None:
-        with np.errstate(divide="ignore"):
-            log_rest = np.log(np.clip(1.0 - np.exp(lp).sum(1), 0.0, None))
-    return {"ids": ids, "top1": top1, "gaps": gaps, "log_rest": np.asarray(log_rest, np.float32)}
-
-
-def decode_topk(ids: np.ndarray, top1: np.ndarray, gaps: np.ndarray, log_rest: Optional[np.ndarray] = None,
-                scale: int = LOGPROB_SCALE) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of :func:`encode_topk` (for a slice of positions): ``([T, k] int64, [T, k] float32)``.
-
-    With ``log_rest``, log-probs 2..k are shifted by a common amount so that ``1 − Σ top-k`` is the
-    stored tail mass (see the module docstring).
-    """
-    nb, T, k = ids.shape
-    raw = np.zeros((T, k, 4), np.uint8)
-    raw[..., :nb] = ids.transpose(1, 2, 0)
-    indices = raw.view("<u4").reshape(T, k).astype(np.int64)
-    d = np.ascontiguousarray(gaps.transpose(1, 2, 0)).view("<u2").reshape(T, k - 1).astype(np.int64)
-    q = np.cumsum(d, axis=1)
-    lp64 = np.empty((T, k), np.float64)
-    lp64[:, 0] = top1
-    lp64[:, 1:] = top1.astype(np.float64)[:, None] - q / scale
-    if log_rest is not None and k > 1:
-        others = np.exp(lp64[:, 1:]).sum(1)
-        want = 1.0 - np.exp(np.asarray(log_rest, np.float64)) - np.exp(lp64[:, 0])
-        ok = (want > 0) & (others > 0)
-        shift = np.zeros(T)
-        shift[ok] = np.log(want[ok] / others[ok])
-        # never move an entry by more than the grid (guards against a tail that float32 cannot resolve)
-        lp64[:, 1:] += np.clip(shift, -1.0 / scale, 1.0 / scale)[:, None]
-    return indices, lp64.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,22 +107,41 @@ def cached_positions(feature: dict) -> int:
     return sum(1 for l in feature["labels"][1:] if l != IGNORE_INDEX)
 
 
+def cached_context(feature: dict) -> list[int]:
+    """The token the teacher read at each cached position of a row (``input_ids[t]``): the context
+    version 2 codes a position's top-k ids against."""
+    ids, labels = feature["input_ids"], feature["labels"]
+    return [ids[t] for t in range(len(ids) - 1) if labels[t + 1] != IGNORE_INDEX]
+
+
+def shard_arrays(sample_ids: list[str], hashes: list[str], counts: list[int], indices: np.ndarray,
+                 logprobs: np.ndarray, vocab_size: int, log_rest: Optional[np.ndarray] = None,
+                 context: Optional[np.ndarray] = None, codec: int = CODEC) -> dict[str, np.ndarray]:
+    """One shard's named arrays (``indices``/``logprobs`` ``[T, k]``, ``log_rest``/``context`` ``[T]``,
+    rows in order). Without ``context`` version 2 codes every position against one context (valid,
+    only larger)."""
+    if codec == 1:
+        enc = encode_topk(indices, logprobs, vocab_size, log_rest)
+    else:
+        ctx = np.zeros(len(indices), np.int64) if context is None else np.asarray(context, np.int64)
+        enc = encode_shard_v2(indices, logprobs, ctx, vocab_size, log_rest)
+    return {
+        "sample_ids": np.asarray([s.encode("utf-8") for s in sample_ids], dtype=np.bytes_),
+        "token_hash": np.asarray([h.encode("ascii") for h in hashes], dtype=np.bytes_),
+        "offsets": np.concatenate([[0], np.cumsum(np.asarray(counts, np.int64))]).astype(np.int64),
+        **enc,
+    }
+
+
 def shard_bytes(sample_ids: list[str], hashes: list[str], counts: list[int], indices: np.ndarray,
                 logprobs: np.ndarray, vocab_size: int, log_rest: Optional[np.ndarray] = None,
-                extra: Optional[dict] = None) -> bytes:
-    """Serialize one shard (``indices``/``logprobs`` ``[T, k]``, ``log_rest`` ``[T]``, rows in order);
-    ``extra``: more per-position arrays ``{name: [T]}``, stored as ``x_<name>`` beside the top-k
-    (e.g. a cross-tokenizer cache's teacher token ends, :mod:`kdistill.teachers.cross`)."""
-    enc = encode_topk(indices, logprobs, vocab_size, log_rest)
-    enc.update({f"x_{k}": np.asarray(v) for k, v in (extra or {}).items()})
+                context: Optional[np.ndarray] = None, codec: int = CODEC, extra: Optional[dict] = None) -> bytes:
+    """Serialize one shard (see :func:`shard_arrays`); ``extra``: more per-position arrays ``{name: [T]}``,
+    stored as ``x_<name>`` beside the top-k (e.g. a cross-tokenizer cache's teacher token ends,
+    :mod:`kdistill.teachers.cross_sources`), read back by :meth:`TopKCache.extra`."""
+    arrays = shard_arrays(sample_ids, hashes, counts, indices, logprobs, vocab_size, log_rest, context, codec)
     buf = io.BytesIO()
-    np.savez_compressed(
-        buf,
-        sample_ids=np.asarray([s.encode("utf-8") for s in sample_ids], dtype=np.bytes_),
-        token_hash=np.asarray([h.encode("ascii") for h in hashes], dtype=np.bytes_),
-        offsets=np.concatenate([[0], np.cumsum(np.asarray(counts, np.int64))]).astype(np.int64),
-        **enc,
-    )
+    np.savez_compressed(buf, **arrays, **{f"x_{k}": np.asarray(v) for k, v in (extra or {}).items()})
     return buf.getvalue()
 
 
@@ -211,8 +164,9 @@ def read_manifest(path: Path) -> Optional[dict]:
         raise CacheError(f"{mf}: not valid JSON (delete the cache folder and rerun kdistill cache-teacher)") from None
     if m.get("format") != FORMAT:
         raise CacheError(f"{mf}: not a kdistill teacher cache")
-    if m.get("version") != VERSION:
-        raise CacheError(f"{mf}: cache format version {m.get('version')}, this kdistill reads version {VERSION}")
+    if m.get("version") not in READS:
+        raise CacheError(f"{mf}: cache format version {m.get('version')}, this kdistill reads versions "
+                         f"{', '.join(map(str, READS))} (a newer kdistill wrote it)")
     return m
 
 
@@ -263,11 +217,20 @@ class TopKCache:
             raise CacheError(f"{f}: unreadable shard ({type(exc).__name__}); rerun `kdistill cache-teacher`") from None
 
     def _shard(self, entry: dict) -> dict:
+        """A shard's arrays; a version-2 shard is decoded whole on first read (``_ids``, ``_lp`` ``[T, k]``)."""
         name = entry["file"]
         if name in self._lru:
             self._lru.move_to_end(name)
             return self._lru[name]
         z = self._read_shard(entry)
+        if entry.get("codec", 1) == 2:
+            T = int(z["offsets"][-1])
+            try:
+                z["_ids"], z["_lp"] = decode_shard_v2(z, T, self.top_k, self.vocab_size, entry.get("scale", V2_SCALE),
+                                                      entry.get("knee", V2_KNEE))
+            except (KeyError, ValueError, IndexError) as exc:
+                raise CacheError(f"{self.path / name}: unreadable shard ({type(exc).__name__}: {exc}); rerun "
+                                 "`kdistill cache-teacher`") from None
         self._lru[name] = z
         while len(self._lru) > self._max:
             self._lru.popitem(last=False)
@@ -302,6 +265,8 @@ class TopKCache:
         file, row = self.index()[sample_id]
         z = self._shard(self._entries[file])
         a, b = int(z["offsets"][row]), int(z["offsets"][row + 1])
+        if "_ids" in z:
+            return z["_ids"][a:b], z["_lp"][a:b]
         return decode_topk(z["ids"][:, a:b], z["top1"][a:b], z["gaps"][:, a:b], z["log_rest"][a:b], self.scale)
 
     def extra(self, sample_id: str) -> dict[str, np.ndarray]:
@@ -312,7 +277,9 @@ class TopKCache:
         return {k[2:]: z[k][a:b] for k in z if k.startswith("x_")}
 
     def disk_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+        """The cache's own bytes: its manifest and shards (not the teacher figures kept beside them)."""
+        files = [self.path / "manifest.json"] + [self.path / e["file"] for e in self.manifest["shards"]]
+        return sum(f.stat().st_size for f in files if f.is_file())
 
     def bytes_per_token(self) -> float:
         tokens = sum(e["tokens"] for e in self.manifest["shards"])
@@ -378,7 +345,7 @@ def open_for_writing(path: Path, meta: dict, say) -> tuple[dict, set[str]]:
         manifest = {**meta, "shards": [], "next_shard": 0}
         write_manifest(path, manifest)
     else:
-        for key in ("teacher", "tokenizer_fingerprint", "vocab_size", "top_k", "logprob_scale", "data"):
+        for key in ("teacher", "tokenizer_fingerprint", "vocab_size", "top_k", "data"):
             if manifest.get(key) != meta[key]:
                 raise CacheError(
                     f"cache.path: {path} holds a cache made with a different {key} "
@@ -413,12 +380,18 @@ def open_for_writing(path: Path, meta: dict, say) -> tuple[dict, set[str]]:
 
 
 def append_shard(path: Path, manifest: dict, sample_ids: list[str], hashes: list[str], counts: list[int],
-                 indices: np.ndarray, logprobs: np.ndarray, vocab_size: int, extra: Optional[dict] = None) -> None:
-    """Write the next shard (atomically), then list it in the manifest (atomically)."""
-    data = shard_bytes(sample_ids, hashes, counts, indices, logprobs, vocab_size, extra=extra)
+                 indices: np.ndarray, logprobs: np.ndarray, vocab_size: int, context: Optional[np.ndarray] = None,
+                 extra: Optional[dict] = None) -> None:
+    """Write the next shard (atomically, codec version 2), then list it in the manifest (atomically).
+
+    ``context``: ``[T]`` the token read at each position (:func:`cached_context`); ``extra``: more
+    per-position arrays (see :func:`shard_bytes`)."""
+    data = shard_bytes(sample_ids, hashes, counts, indices, logprobs, vocab_size, context=context, extra=extra)
     name = f"shard-{manifest['next_shard']:05d}.npz"
     atomic_write(Path(path) / name, data)
     manifest["shards"].append({"file": name, "sha256": _sha256(data), "bytes": len(data),
-                               "samples": len(sample_ids), "tokens": int(sum(counts))})
+                               "samples": len(sample_ids), "tokens": int(sum(counts)),
+                               "codec": CODEC, "scale": V2_SCALE, "knee": V2_KNEE})
     manifest["next_shard"] += 1
+    manifest["version"] = VERSION  # a version-1 cache resumed now holds version-2 shards too
     write_manifest(path, manifest)

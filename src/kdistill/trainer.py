@@ -28,9 +28,11 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from kdistill.batching import grouped_schedule, padding_counts
 from kdistill.curriculum import schedule
 from kdistill.errors import TrainingError
 from kdistill.store import append_jsonl, atomic_write, dumps_jsonl, read_json, read_jsonl_rows
+from kdistill.throughput import StepMeter, cache_file, clock, peak_flops
 
 log = logging.getLogger("kdistill")
 
@@ -44,6 +46,7 @@ class TrainResult:
     stopped_early: bool
     stopped_by: Optional[str] = None  # what ended it before its plan: train.max_minutes, train.max_steps or interrupt
     planned_steps: Optional[int] = None  # the steps it was planned for (by epochs, when max_steps is fewer)
+    throughput: Optional[dict] = None  # tokens/s, MFU, padding share, step split (kdistill.throughput)
 
 
 class InterruptGuard:
@@ -179,6 +182,7 @@ def train(
     if curriculum is not None:
         cc, scores = curriculum
         pick = schedule(cc, scores, tcfg.batch_size, tcfg.seed, total_steps, ga * world)
+    grouped = grouped_schedule(features, tcfg.batch_size, tcfg.seed) if tcfg.batching == "length_grouped" else None
 
     def micro_batches(start: int):
         """This process's micro-batches from global index ``start`` on, epoch after epoch.
@@ -193,7 +197,8 @@ def train(
                 rows = pick(g) if pick is not None else None
                 if rows is None:
                     epoch, j = divmod(g, per_epoch)
-                    rows = _epoch_batches(len(features), tcfg.batch_size, tcfg.seed, epoch)[j]
+                    rows = (grouped(epoch) if grouped is not None
+                            else _epoch_batches(len(features), tcfg.batch_size, tcfg.seed, epoch))[j]
                 batch = _move(collate_fn([features[k] for k in rows]), acc.device)
                 batch["micro_batch"] = g  # global index: a method's per-batch draws key on it (same after a resume)
                 yield batch
@@ -210,10 +215,14 @@ def train(
     t0 = time.time()
     seconds = seconds_before  # a rerun of a finished run adds no time
     stopped_early, stopped_by, t_step = False, None, None
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.mixed_precision, next(model.parameters()).dtype)
+    meter = StepMeter(acc.unwrap_model(model), *peak_flops(acc.device, dtype, tcfg.peak_tflops, cache_file()))
     model.train()
     while step < total_steps:
         # 1. the micro-batches of this optimizer step, and the global item count
-        group = [method.prepare_batch(b, model) for b in (early or [next(stream) for _ in range(ga)])]
+        meter.start()
+        with clock.section("sample"):
+            group = [method.prepare_batch(b, model) for b in (early or [next(stream) for _ in range(ga)])]
         early = []
         if method.looks_ahead and step + 1 < total_steps:  # the cursor counts only what is trained: resume
             early = [next(stream) for _ in range(ga)]     # is unchanged
@@ -250,6 +259,8 @@ def train(
         step += 1
         cursor += ga * world
         tokens_seen += int(n_global)
+        real, positions = (sum(c) for c in zip(*(padding_counts(b) for b in group)))
+        speed = meter.stop(real, positions, int(n_global))
 
         # 3. periodic held-out evaluation (every process evaluates), then the log row
         scores: dict = {}
@@ -265,6 +276,7 @@ def train(
                 "grad_norm": round(float(grad_norm), 4),
                 "items": int(n_global),
                 "elapsed_s": round(time.time() - t0, 2),
+                **speed,
                 **{k: round(v, 6) for k, v in extra.items()},
                 **{f"eval_{k}": v for k, v in scores.items()},
             }
@@ -296,7 +308,7 @@ def train(
     if not stopped_early and by_epochs is not None and step < by_epochs:  # max_steps cut the epochs short
         stopped_early, stopped_by = True, "train.max_steps"
     return TrainResult(step, resumed_from, seconds, tokens_seen, stopped_early, stopped_by,
-                       max(total_steps, by_epochs or 0))
+                       max(total_steps, by_epochs or 0), meter.summary())
 
 
 def _estimate(say, step: int, total: int, t0: float, t_step, max_minutes, resumed_from) -> float:

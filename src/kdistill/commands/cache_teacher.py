@@ -38,7 +38,7 @@ from kdistill.teachers.served import PROBE
 from kdistill.teachers.served_identity import identity_mismatch, served_identity
 from kdistill.teachers.text import answered_figures
 from kdistill.topk_cache import (FORMAT, LOCK, LOGPROB_SCALE, TEACHER_EVAL_FILE, VERSION, CacheError, TopKCache,
-                                 append_shard, cached_positions, id_bytes, open_for_writing, token_hash, write_manifest)
+                                 append_shard, cached_context, cached_positions, id_bytes, open_for_writing, token_hash, write_manifest)
 
 log = logging.getLogger("kdistill")
 
@@ -151,7 +151,7 @@ def _fill(cfg, path: Path, meta: dict, teacher, tok, vocab: int, k: int, rows, d
         extra = cache_arrays(shard, np.concatenate(own_parts)) if cross else None
         append_shard(path, manifest, [f["id"] for f in shard], [token_hash(f) for f in shard],
                      [cached_positions(f) for f in shard], np.concatenate(idx_parts), np.concatenate(lp_parts), vocab,
-                     extra=extra)
+                     extra=extra, context=np.asarray([t for f in shard for t in cached_context(f)], np.int64))
     if bar is not None:
         bar.close()
     dt = time.time() - t1

@@ -39,6 +39,18 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
+def _tail_log_mass(t_top: torch.Tensor) -> torch.Tensor:
+    """``log(1 − Σ exp(t_top))`` ``[N, 1]`` from finite top-k log-probs ``[N, k]``, without cancellation.
+
+    ``log1mexp(logsumexp(·))`` loses the tail of a confident teacher in float32 (Σ top-k = 1 − 1e-6
+    is resolved to ~1e-7, a relative error of up to 6% measured on the demo teacher); written as
+    ``(1 − p_max) − Σ others`` with ``1 − p_max = −expm1(log p_max)`` it keeps ~1e-4.
+    """
+    top, at = t_top.max(dim=-1, keepdim=True)
+    others = t_top.scatter(-1, at, float("-inf")).exp().sum(dim=-1, keepdim=True)
+    return torch.log((-torch.expm1(top) - others).clamp(min=0.0))
+
+
 def _topk_bins(ls: torch.Tensor, topk: TopK, temperature: float):
     """``(teacher_bins, student_bins, student_rest)``: log-probs ``[N, k+1]`` (last = rest) and the
     student's rest log-mass ``[N, 1]``; with k = vocab, ``[N, k]`` bins and ``None``.
@@ -50,7 +62,7 @@ def _topk_bins(ls: torch.Tensor, topk: TopK, temperature: float):
     s_top = ls.gather(-1, idx)
     if idx.shape[-1] >= ls.shape[-1]:  # the whole vocabulary (a permutation): no rest bucket
         return torch.log_softmax(t_top / temperature, dim=-1), s_top, None
-    t_rest = _log1mexp(torch.logsumexp(t_top, dim=-1, keepdim=True))
+    t_rest = _tail_log_mass(t_top)
     t_bins = torch.log_softmax(_finite(torch.cat([t_top, t_rest], dim=-1)) / temperature, dim=-1)
     s_rest = torch.logsumexp(ls.scatter(-1, idx, float("-inf")), dim=-1, keepdim=True)
     return t_bins, torch.cat([s_top, s_rest], dim=-1), s_rest

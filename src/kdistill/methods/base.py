@@ -16,6 +16,8 @@ needs, so that the config, the run and the teachers ask it instead of keeping li
 ``teacher_needs``   what it needs of the teacher, from the config: a subset of
                     :data:`kdistill.teachers.base.OFFERS` (empty: a teacher is optional)
 ``check_config``    its own config rules (raise ``ValueError`` with the key and the fix)
+``packs``           its loss is right on packed rows (``train.batching: packed``, see
+                    :mod:`kdistill.batching`): it reads batches through the model and the teacher only
 ==================  ==========================================================================
 
 Per micro-batch the trainer asks a method :meth:`Method.prepare_batch`, :meth:`Method.num_items`
@@ -65,6 +67,7 @@ class Method:
     shares_vocab = True
     loss_defaults: dict = {}
     looks_ahead = False  # True: the trainer hands over the next step's micro-batches early (lookahead)
+    packs = False  # True: the loss is right on packed rows (train.batching: packed)
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx

@@ -15,6 +15,7 @@ from kdistill.losses import distill_loss, fused_distill_loss
 from kdistill.losses.cross_tokenizer import cross_tokenizer_loss
 from kdistill.methods.base import Method, RunContext, register
 from kdistill.teachers.multi import signal_parts
+from kdistill.throughput import clock
 
 
 @register
@@ -22,6 +23,7 @@ class LogitMethod(Method):
     name = "logit"
     uses_loss = True
     uses_features = True
+    packs = True  # model and teacher forwards take packed rows; the losses are per token
 
     @classmethod
     def teacher_needs(cls, cfg) -> frozenset:
@@ -98,7 +100,8 @@ class LogitMethod(Method):
         loss = 0.0
         if self.use_fused(model):
             s_hidden, s_weight, *s_feats = model(ids, mask, hidden=True, **s_layers)
-            signal = self.ctx.teacher.signal(batch, hidden=True, **t_layers)
+            with clock.section("teacher"):
+                signal = self.ctx.teacher.signal(batch, hidden=True, **t_layers)
             for w, t in signal_parts(signal):  # one part, or several teachers with loss.teacher_mix: sum
                 if t.cross is not None:  # a teacher with another tokenizer (loss.cross_tokenizer)
                     part = cross_tokenizer_loss(self.cross, labels, t.cross, hidden=s_hidden, weight=s_weight[:V],
@@ -121,7 +124,8 @@ class LogitMethod(Method):
             out = model(ids, mask, **s_layers)
             logits, s_feats = (out[0], out[1:]) if feats else (out, [])
             logits = logits[..., :V]
-            signal = self.ctx.teacher.signal(batch, hidden=False, **t_layers)
+            with clock.section("teacher"):
+                signal = self.ctx.teacher.signal(batch, hidden=False, **t_layers)
             for w, t in signal_parts(signal):
                 if t.cross is not None:
                     loss = loss + w * cross_tokenizer_loss(self.cross, labels, t.cross, logits=logits,

@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from kdistill.batching import attention_cost, pack_rows
 from kdistill.data import collate, completion_feature
 from kdistill.methods.base import RunContext, register
 from kdistill.methods.logit import LogitMethod
@@ -126,7 +127,10 @@ class OnPolicyMethod(LogitMethod):
         self.sampled["completions"] += len(comps)
         self.sampled["tokens"] += sum(len(c) for c in comps)
         self.sampled["ended_with_eos"] += sum(bool(c) and c[-1] in eos for c in comps)
-        new = collate(feats, tok.pad_token_id)
+        if self.ctx.cfg.train.batching == "packed":  # sampled rows end at different lengths: pack them too
+            new = pack_rows(feats, tok.pad_token_id, attention_cost(hf_model(generator)))
+        else:
+            new = collate(feats, tok.pad_token_id)
         device = batch["input_ids"].device
         out = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in new.items()}
         out["source"] = source

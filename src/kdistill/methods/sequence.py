@@ -143,6 +143,7 @@ class SequenceMethod(Method):
         self.task_of: dict[str, str] = {}
         self.counts: Counter = Counter()
         self.multitask = any(has_rationale(e) for e in ctx.train_examples)
+        self.packs = not self.multitask  # per-row means (multi-task views) need one row per sequence
 
     def views(self, ex: Example) -> list[tuple[str, Example]]:
         if not self.multitask:

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -42,9 +42,29 @@ def supports_hidden(model: nn.Module) -> bool:
     return True
 
 
+def packed_positions(segments: torch.Tensor) -> torch.Tensor:
+    """``position_ids`` ``[rows, width]`` restarting at 0 wherever ``segments`` (a packed batch's
+    ``attention_mask``: sequence number per token, 0 = padding) changes within a row."""
+    t = torch.arange(segments.shape[-1], device=segments.device).expand_as(segments)
+    start = torch.ones_like(segments, dtype=torch.bool)
+    start[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return t - torch.cummax(torch.where(start, t, torch.zeros_like(t)), dim=-1).values
+
+
+def forward_inputs(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> dict:
+    """Keyword arguments of a transformers forward for a batch. A packed batch (see
+    :mod:`kdistill.batching`: ``attention_mask`` holds sequence numbers above 1) becomes per-sequence
+    ``position_ids`` and no 2-D mask, from which transformers keeps the sequences apart
+    (flash-attention's variable-length kernel, or a block-diagonal causal mask)."""
+    if (attention_mask is not None and attention_mask.dtype != torch.bool and attention_mask.numel()
+            and int(attention_mask.max()) > 1):
+        return {"input_ids": input_ids, "attention_mask": None, "position_ids": packed_positions(attention_mask)}
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
 def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Final (normed) hidden states ``[batch, seq, hidden]`` without computing the logits."""
-    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    out = model.get_decoder()(**forward_inputs(input_ids, attention_mask), use_cache=False)
     return out.last_hidden_state
 
 
@@ -55,7 +75,7 @@ def block_outputs(hidden_states, layers) -> dict:
 
 def decoder_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers) -> tuple:
     """``(final hidden [batch, seq, hidden], {block i: output of block i [batch, seq, hidden]})``."""
-    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+    out = model.get_decoder()(**forward_inputs(input_ids, attention_mask), use_cache=False,
                               output_hidden_states=True)
     return out.last_hidden_state, block_outputs(out.hidden_states, layers)
 

@@ -15,7 +15,8 @@ from torch import nn
 
 from kdistill.data import IGNORE_INDEX
 from kdistill.losses import label_logprobs
-from kdistill.models.introspect import block_outputs, decoder_states, final_hidden, hf_model, supports_hidden
+from kdistill.models.introspect import (block_outputs, decoder_states, final_hidden, forward_inputs, hf_model,
+                                       supports_hidden)
 from kdistill.models.lora import is_lora, load_adapter_copy
 from kdistill.store import on_main
 
@@ -47,7 +48,7 @@ class StudentLM(nn.Module):
                 h, feats = decoder_states(self.model, input_ids, attention_mask, feature_layers)
                 return h, w, feats
             return final_hidden(self.model, input_ids, attention_mask), w
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+        out = self.model(**forward_inputs(input_ids, attention_mask), use_cache=False,
                          output_hidden_states=bool(feature_layers))
         if feature_layers:
             return out.logits, block_outputs(out.hidden_states, feature_layers)
@@ -73,7 +74,7 @@ def model_label_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_ma
         if supports_hidden(hf):
             h = final_hidden(hf, input_ids, attention_mask)
             return label_logprobs(h, hf.get_output_embeddings().weight[:vocab_size], labels, chunk_size)
-        logits = hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[..., :vocab_size]
+        logits = hf(**forward_inputs(input_ids, attention_mask), use_cache=False).logits[..., :vocab_size]
     mask = labels != IGNORE_INDEX
     lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return lp * mask

@@ -86,6 +86,7 @@ class Teacher:
     tokenizer = None  # the teacher's own tokenizer, when it has one here
     can_fuse = False  # its signal works with the student's fused (hidden-state) loss path
     prefetches = False  # has prefetch(): can start on a batch before it is needed
+    packs = False  # scores packed batches (train.batching: packed; see kdistill.batching)
     key = "teacher"  # its config key in messages (teacher, teachers[i])
     name = "teacher"
     what = "this teacher"  # how a refusal names it ("an offline cache", ...)

@@ -31,6 +31,7 @@ class CachedTeacher(Teacher):
     kind = "cache"
     offers = frozenset({"distribution"})
     priority = 20
+    packs = True  # serves packed batches (rows found by their segments)
     can_fuse = True  # a top-k signal works with the student's fused (hidden-state) loss path
     what = "an offline teacher cache"
 
@@ -84,11 +85,14 @@ class CachedTeacher(Teacher):
         B, S = labels.shape
         indices, logprobs = placeholder_topk(B, S, self.top_k)
         keep = (labels != IGNORE_INDEX).cpu()
+        segments = batch.get("segments")  # a packed batch: (row, start, length) of each sample id
         for b, sid in enumerate(ids):
             if sid not in self.cache:
                 raise CacheError(f"row {sid!r} is not in the teacher cache {self.cache.path}")
             idx, lp = self.cache.get(sid)
-            pos = keep[b].nonzero().squeeze(-1)
+            row, a, n = segments[b].tolist() if segments is not None else (b, 0, S)
+            pos = keep[row, a : a + n].nonzero().squeeze(-1) + a
+            b = row
             if pos.numel() != idx.shape[0]:
                 raise CacheError(
                     f"row {sid!r} has {pos.numel()} trained tokens but {idx.shape[0]} are cached: a cache only serves "

@@ -12,7 +12,9 @@ from kdistill.errors import ConfigError, ModelError
 from kdistill.models import (block_outputs, check_vocab, count_params, decoder_states, final_hidden, load_model,
                              supports_hidden, tokenizer_fingerprint)
 from kdistill.sharding import is_sharded
+from kdistill.models.introspect import forward_inputs
 from kdistill.teachers.base import Teacher, TeacherSignal, register_teacher
+from kdistill.throughput import clock, linear_params
 
 
 @torch.no_grad()
@@ -29,7 +31,7 @@ def model_topk(model: nn.Module, batch: dict, vocab_size: int, k: int, chunk: in
         logits_of = lambda a, b: (h[a:b] @ w.t()).float()  # noqa: E731
         n = h.shape[0]
     else:
-        full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[..., :vocab_size][keep]
+        full = model(**forward_inputs(ids, mask), use_cache=False).logits[..., :vocab_size][keep]
         logits_of = lambda a, b: full[a:b].float()  # noqa: E731
         n = full.shape[0]
     out_i, out_l = [], []
@@ -58,6 +60,7 @@ class LocalTeacher(Teacher):
     kind = "local"
     offers = frozenset({"distribution", "any_sequence", "hidden_states", "weights", "text", "judge"})
     priority = 30
+    packs = True  # its forward takes packed rows (per-sequence positions)
     what = "a local teacher model"
 
     def __init__(self, model: nn.Module, vocab_size: int, name: str = "teacher", device=None, tokenizer=None):
@@ -70,6 +73,7 @@ class LocalTeacher(Teacher):
         self.name = name
         self.tokenizer = tokenizer
         self.can_fuse = supports_hidden(model) and not is_sharded(model)  # a sharded head exists only in its forward
+        self.flops_per_token = 2 * linear_params(self.model)  # one forward (kdistill.throughput)
 
     @classmethod
     def accepts(cls, spec) -> bool:
@@ -102,14 +106,14 @@ class LocalTeacher(Teacher):
         """The teacher on ``batch``: final hidden states and output weight (``hidden`` and the head
         allows it) or logits; with ``feature_layers``, also those blocks' outputs (same forward)."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
+        clock.add_flops(self.flops_per_token * int((mask != 0).sum()))
         if hidden and self.can_fuse:
             w = self.model.get_output_embeddings().weight[: self.vocab_size]
             if feature_layers:
                 h, feats = decoder_states(self.model, ids, mask, feature_layers)
                 return TeacherSignal(hidden=h, weight=w, features=feats)
             return TeacherSignal(hidden=final_hidden(self.model, ids, mask), weight=w)
-        out = self.model(input_ids=ids, attention_mask=mask, use_cache=False,
-                         output_hidden_states=bool(feature_layers))
+        out = self.model(**forward_inputs(ids, mask), use_cache=False, output_hidden_states=bool(feature_layers))
         feats = block_outputs(out.hidden_states, feature_layers) if feature_layers else None
         return TeacherSignal(logits=out.logits[..., : self.vocab_size], features=feats)
 

@@ -113,6 +113,7 @@ class MultiTeacher(Teacher):
         self.top_k = max(ks) if ks else None  # set when any teacher is a cache
         self.offers = frozenset.intersection(*(t.offers for t in self.teachers)) & {"distribution", "any_sequence"}
         self.prefetches = any(t.prefetches for t in self.teachers)
+        self.packs = all(t.packs for t in self.teachers)
 
     def prefetch(self, batch: dict) -> None:
         """Let the teachers that can (a served one) start on ``batch`` ahead of time."""
