@@ -11,9 +11,10 @@ uniform grid of ``1/256`` nats below the top-1, delta-coded; the shard is ``np.s
 * *Log-probs on a companded grid.* The distance below the top-1, ``b = top1 − lp ≥ 0``, is
   quantized uniformly in ``u = knee·log(1 + b/knee)``: steps of ``1/scale`` nats near the top-1,
   growing in proportion to ``b`` in the tail, where an entry's probability (its weight in every
-  divergence) is small. ``top1`` and the tail mass ``log(1 − Σ top-k)`` are kept as float32, and
-  decoding shifts entries 2..k by one common amount (within the finest step) so that the tail mass
-  is exact again, as in version 1.
+  divergence) is small. ``top1`` and the tail mass ``log(1 − Σ top-k)`` are kept (float16 / a
+  1/2048-nat grid), and decoding moves entries 2..k, each within its own rounding interval and
+  mostly the heavy ones, so that the tail mass is the stored one again (see :func:`_restore_tail_within`).
+  ``scale`` and ``knee`` are stored per shard, so shards written with other values still read.
 * *Ties are sets.* Entries whose quantized log-probs are equal carry the same value after decoding,
   so their order is free: it is made canonical (by id code), which costs nothing in accuracy and
   makes the id codes cheaper.
@@ -39,7 +40,7 @@ LOGPROB_SCALE = 256  # version 1: grid of log-probs below top-1, 1/256 nats (max
 _QMAX = 65535
 
 V2_SCALE = 128  # version 2: finest step 1/128 nats (right below the top-1) ...
-V2_KNEE = 0.5  # ... growing like (1 + b/knee) with the distance b below it
+V2_KNEE = 0.75  # ... growing like (1 + b/knee) with the distance b below it
 _CODE_ESC = 255  # a code >= 255 is stored as 255 in `codes` and in full in `codes_hi`
 _DU_ESC = 255
 _TOP1_SCALE = 4096.0  # version 2: −top1·4096 as float16 (relative precision 1e-3; normal down to p1 = 1 − 1.5e-8)
@@ -278,22 +279,28 @@ def decode_shard_v2(arrays: dict, T: int, k: int, vocab_size: int, scale: int = 
     return ids, lp64.astype(np.float32)
 
 
-def _restore_tail_within(lp64: np.ndarray, log_rest: np.ndarray, half: np.ndarray, iters: int = 8) -> np.ndarray:
-    """Move log-probs 2..k of ``lp64`` ``[T, k]`` (in place) by ``a·half_j`` with one ``a ∈ [−1, 1]`` per
-    row, so that ``1 − Σ top-k`` is ``exp(log_rest)`` again: coarse (tail) entries absorb the
-    correction, fine ones barely move, none leaves its rounding interval (Newton's method on ``a``)."""
+def _restore_tail_within(lp64: np.ndarray, log_rest: np.ndarray, half: np.ndarray, iters: int = 96) -> np.ndarray:
+    """Move log-probs 2..k of ``lp64`` ``[T, k]`` (in place), each within its rounding interval
+    ``±half_j``, so that ``1 − Σ top-k`` is ``exp(log_rest)`` again.
+
+    Entry ``j`` moves by ``half_j·clip(a·w_j, −1, 1)`` with ``w_j ∝ p_j·half_j`` and one ``a`` per row
+    (found by bisection): the correction lands on the entries that hold the mass and whose own
+    rounding is the likely cause (near the top-1), not on the many small tail entries, where a common
+    shift would bias every tempered (T > 1) loss."""
     T, k = lp64.shape
     if k < 2:
         return lp64
     half = np.where(np.isfinite(half), half, 0.0)
     want = 1.0 - np.exp(np.asarray(log_rest, np.float64)) - np.exp(lp64[:, 0])
     base = lp64[:, 1:]
-    ok = (want > 0) & np.isfinite(base).any(1)
-    a = np.zeros(T)
-    for _ in range(iters):
-        e = np.exp(base + a[:, None] * half)
-        f, df = e.sum(1) - want, (e * half).sum(1)
-        step = np.divide(f, df, out=np.zeros(T), where=df > 0)
-        a = np.clip(a - step, -1.0, 1.0)
-    lp64[:, 1:] = np.where(ok[:, None], base + a[:, None] * half, base)
+    w = np.exp(base) * half
+    w = w / np.maximum(w.max(1, keepdims=True), 1e-300)
+    ok = (want > 0) & (w > 0).any(1)
+    lo, hi = np.full(T, -1e12), np.full(T, 1e12)
+    for _ in range(iters):  # Σ exp(base + shift(a)) is non-decreasing in a
+        a = 0.5 * (lo + hi)
+        low = np.exp(base + half * np.clip(a[:, None] * w, -1.0, 1.0)).sum(1) < want
+        lo, hi = np.where(low, a, lo), np.where(low, hi, a)
+    shift = half * np.clip(0.5 * (lo + hi)[:, None] * w, -1.0, 1.0)
+    lp64[:, 1:] = np.where(ok[:, None], base + shift, base)
     return lp64
