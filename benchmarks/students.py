@@ -4,11 +4,11 @@ cut, after the same distillation. Run by hand, never as a test:
     .venv/bin/python benchmarks/students.py                          # prints the tables
     .venv/bin/python benchmarks/students.py --write docs/benchmarks.md
 
-Setup: the demo teacher (SmolLM2-135M-Instruct, 30 layers) and the demo's task (first-name
-extraction; the teacher answers the prompts, the training rows it gets wrong are dropped, held-out
-rows use other first names). The searched run cuts its student with ``student.init.search``
-(``target_params``, generated candidates: depth-only, width-only and two depth+width mixes, each
-probed for ``--probe-steps`` distillation steps); the depth-only and width-only runs use exactly the
+Setup: the demo teacher (SmolLM2-135M-Instruct, 30 layers) and the demo's task (full-name
+extraction, strict exact-match scoring; the teacher answers the prompts, the training rows it gets
+wrong are dropped, held-out rows use other first names, half of them unseen sentence templates).
+The searched run cuts its student with ``student.init.search`` (``target_params``, generated
+candidates: depth-only, width-only and two depth+width mixes, each probed for ``--probe-steps`` distillation steps); the depth-only and width-only runs use exactly the
 search's depth-only and width-only candidates (same budget). Every student is then distilled the
 same way: the demo's ``method: logit`` config (forward KL + cross-entropy, alpha 0.5, lr 3e-4,
 batch 8), ``--steps`` optimizer steps, no time limit. Layers are chosen by block importance.
@@ -64,7 +64,7 @@ def _markdown(rows: list[dict], teacher: dict, search: dict, args, seconds: floa
              f"{teacher['metrics'].get('accuracy', 0):.1%}, perplexity {teacher['metrics']['perplexity']:.2f}. "
              f"Budget: {args.target:.0%} of its parameters. Every student: demo `method: logit` config, {args.steps} "
              f"steps of batch 8 on {args.train_rows} teacher-answered rows (those it got right), measured on "
-             f"{args.eval_rows} held-out rows with unseen first names.", "",
+             f"{args.eval_rows} held-out rows with unseen first names (half with unseen templates), scored strictly (`eval.match: exact`).", "",
              "| student | layers | width kept | params | share | accuracy ↑ (initial) | perplexity ↓ | "
              "KL to teacher ↓ (initial) | top-1 agreement ↑ | tokens/s (load-sensitive) | train s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -102,7 +102,8 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     data = out / "data"
-    demo.DEMO_ROWS.update({"train": args.train_rows, "eval": args.eval_rows})
+    half = args.eval_rows // 2  # held-out rows: half with the training templates, half with unseen ones
+    demo.DEMO_ROWS.update({"train": args.train_rows, "seen_template": half, "unseen_template": args.eval_rows - half})
     prep = load_config(None, [], base=_config(out / "prep", data, {"num_layers": 2}, 1))
     demo.prepare_data(prep, say, progress=False)
 

@@ -147,7 +147,10 @@ def test_rationale_rows_train_as_two_tasks_without_a_teacher(tiny, tmp_path):
                      "rationale": "the name comes first.", "answer": a, "sampling": {"style": "rationale"}})
     write_jsonl(tmp_path / "train.jsonl", rows)
     out = tmp_path / "run"
-    cfg = base_config(tiny, out, method="sequence", train={"max_steps": 4, "batch_size": 8}, eval={"speed_prompts": 0})
+    # shuffled batches mix both views in every step (length-grouped ones would put the short answer
+    # views and the long rationale views in different micro-batches)
+    cfg = base_config(tiny, out, method="sequence", train={"max_steps": 4, "batch_size": 8, "batching": "shuffle"},
+                      eval={"speed_prompts": 0})
     cfg["teacher"] = {}
     cfg["student"] = {"model": str(tiny / "student")}
     cfg["data"] = {"train": str(tmp_path / "train.jsonl"), "eval": str(tiny / "eval.jsonl"), "max_length": 64}
