@@ -24,7 +24,7 @@ from kdistill.models.introspect import forward_inputs, packed_positions
 from kdistill.run import run
 from kdistill.teachers.cache import CachedTeacher
 from kdistill.teachers.local import LocalTeacher
-from kdistill.throughput import StepClock, linear_params, peak_flops
+from kdistill.throughput import StepClock, StepMeter, linear_params, machine_key, peak_flops, remember_peak
 from kdistill.trainer import _epoch_batches
 
 
@@ -214,6 +214,32 @@ def test_step_clock_sections_are_exclusive_and_peak_is_measured_once(tmp_path):
     assert peak_flops(torch.device("cpu"), torch.float32, 2.0, cache) == (2e12, "train.peak_tflops")
     llama = make_llama(300, layers=2, hidden=64)
     assert linear_params(llama) == 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128) + 300 * 64
+
+
+def test_a_probe_that_read_low_is_raised_to_the_fastest_step_and_kept(tmp_path):
+    """A matmul probe taken on a busy machine reads low; a run that outpaces it must not report MFU
+    above 100%: the peak becomes the fastest step's rate, and that is what the cache keeps."""
+    cache = tmp_path / "peak.json"
+    key = machine_key(torch.device("cpu"), torch.float32)
+    remember_peak(cache, key, 1.0)  # an absurdly low kept probe: 1 FLOP/s
+    peak, src = peak_flops(torch.device("cpu"), torch.float32, None, cache)
+    assert peak == 1.0
+    model = make_llama(300, layers=2, hidden=64)
+    meter = StepMeter(model, peak, src, remember=lambda f: remember_peak(cache, key, f))
+    rows = []
+    for real in (40, 80):
+        meter.start()
+        time.sleep(0.01)
+        rows.append(meter.stop(real, real, real))
+    assert all(0 < r["mfu"] <= 1.0 for r in rows) and rows[0]["mfu"] == 1.0
+    summary = meter.summary()
+    assert 0 < summary["mfu"] <= 1.0 and "probe had read low" in summary["peak_from"]
+    kept = json.loads(cache.read_text())[key]
+    assert kept == meter.peak > 1.0
+    # a peak given in config is the user's figure: never raised
+    fixed = StepMeter(model, 1.0, "train.peak_tflops")
+    fixed.start()
+    assert fixed.stop(40, 40, 40)["mfu"] > 1.0
 
 
 def test_on_policy_samples_are_packed_and_the_step_split_names_sampling(tiny, tmp_path):

@@ -17,7 +17,8 @@ Every training step is measured (:class:`StepMeter`, driven by the trainer) and 
 
 The peak is ``train.peak_tflops`` when given (the datasheet figure of a GPU, per device), otherwise
 measured once per machine with a matmul probe and kept in ``<model cache>/peak_flops.json``
-(:func:`peak_flops`). A probe on a CPU shared with other jobs reads low, which makes MFU read high.
+(:func:`peak_flops`). A probe on a CPU shared with other jobs reads low; a step that outpaces it
+raises the kept peak to that step's rate (:class:`StepMeter`), so MFU never reads above 100%.
 
 Work that runs inside a step and is not the trainer's own (a teacher's forward, sampling) reports
 itself to the process-wide :data:`clock` (:meth:`StepClock.section`, :meth:`StepClock.add_flops`).
@@ -30,7 +31,7 @@ import json
 import platform
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -114,36 +115,56 @@ def machine_key(device: torch.device, dtype: torch.dtype) -> str:
             f"torch {torch.__version__}")
 
 
+def _read_peaks(cache: Optional[Path]) -> dict:
+    if cache is None or not cache.is_file():
+        return {}
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def remember_peak(cache: Optional[Path], key: str, flops: float) -> None:
+    """Keep ``flops`` as the peak of ``key`` in ``cache`` (best effort: a read-only folder is skipped)."""
+    if cache is None:
+        return
+    known = _read_peaks(cache)
+    known[key] = float(flops)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cache, json.dumps(known, indent=1).encode())
+    except OSError:
+        pass  # a read-only cache folder: measured again next time
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype, given_tflops: Optional[float] = None,
                cache: Optional[Path] = None) -> tuple[float, str]:
     """``(peak FLOP/s, where it comes from)``: ``given_tflops`` (config), else a matmul probe measured
-    once per :func:`machine_key` and kept in ``cache`` (``peak_flops.json`` in the model cache)."""
+    once per :func:`machine_key` and kept in ``cache`` (``peak_flops.json`` in the model cache).
+    A kept probe that a run outpaces is raised to that run's fastest step (:class:`StepMeter`)."""
     if given_tflops:
         return given_tflops * 1e12, "train.peak_tflops"
     key = machine_key(device, dtype)
-    known = {}
-    if cache is not None and cache.is_file():
-        try:
-            known = json.loads(cache.read_text())
-        except (OSError, json.JSONDecodeError):
-            known = {}
-    if key not in known:
+    known = _read_peaks(cache)
+    if not isinstance(known.get(key), (int, float)) or known[key] <= 0:
         known[key] = _probe(device, dtype)
-        if cache is not None:
-            try:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(cache, json.dumps(known, indent=1).encode())
-            except OSError:
-                pass  # a read-only cache folder: measured again next time
+        remember_peak(cache, key, known[key])
     return float(known[key]), f"matmul probe ({key.split('|')[1]}, {cache if cache is not None else 'not kept'})"
 
 
 class StepMeter:
     """Per-step and whole-run throughput figures (see the module docstring)."""
 
-    def __init__(self, student: nn.Module, peak: float, peak_source: str):
+    def __init__(self, student: nn.Module, peak: float, peak_source: str,
+                 remember: Optional[Callable[[float], None]] = None):
+        """``remember``: given for a probed peak (not ``train.peak_tflops``); a step faster than the
+        probe proves the probe read low (it ran on a busy machine): the peak is raised to that step's
+        rate from then on, so MFU never reads above 100%, and the new peak is handed to ``remember``
+        at :meth:`summary`."""
         self.n_student = linear_params(student)
         self.peak, self.peak_source = peak, peak_source
+        self._remember, self.raised = remember, False
         self.total = {"seconds": 0.0, "trained": 0, "real": 0, "positions": 0, "flops": 0.0,
                       "sample_s": 0.0, "teacher_s": 0.0, "update_s": 0.0, "steps": 0}
         self._t0 = 0.0
@@ -159,6 +180,8 @@ class StepMeter:
         times, other = clock.take()
         flops = 6.0 * self.n_student * real + other
         sample, teacher = times.get("sample", 0.0), times.get("teacher", 0.0)
+        if self._remember is not None and flops / dt > self.peak:
+            self.peak, self.raised = flops / dt, True
         row = {"tokens_per_s": round(trained / dt, 2), "mfu": round(flops / (dt * self.peak), 5),
                "padding": round(1 - real / positions, 4) if positions else 0.0,
                "sample_s": round(sample, 3), "teacher_s": round(teacher, 3),
@@ -174,6 +197,10 @@ class StepMeter:
         """The run's figures for the report (steps of this process since the run or its resume)."""
         t = self.total
         s = max(t["seconds"], 1e-9)
+        if self.raised:
+            self._remember(self.peak)
+            self.raised = False
+            self.peak_source += "; raised to this run's fastest step: the probe had read low"
         return {
             "tokens_per_s": round(t["trained"] / s, 2),
             "mfu": round(t["flops"] / (s * self.peak), 5),

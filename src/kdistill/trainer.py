@@ -32,7 +32,7 @@ from kdistill.batching import grouped_schedule, padding_counts
 from kdistill.curriculum import schedule
 from kdistill.errors import TrainingError
 from kdistill.store import append_jsonl, atomic_write, dumps_jsonl, read_json, read_jsonl_rows
-from kdistill.throughput import StepMeter, cache_file, clock, peak_flops
+from kdistill.throughput import StepMeter, cache_file, clock, machine_key, peak_flops, remember_peak
 
 log = logging.getLogger("kdistill")
 
@@ -216,7 +216,9 @@ def train(
     seconds = seconds_before  # a rerun of a finished run adds no time
     stopped_early, stopped_by, t_step = False, None, None
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.mixed_precision, next(model.parameters()).dtype)
-    meter = StepMeter(acc.unwrap_model(model), *peak_flops(acc.device, dtype, tcfg.peak_tflops, cache_file()))
+    meter = StepMeter(acc.unwrap_model(model), *peak_flops(acc.device, dtype, tcfg.peak_tflops, cache_file()),
+                      remember=None if tcfg.peak_tflops else functools.partial(
+                          remember_peak, cache_file(), machine_key(acc.device, dtype)))
     model.train()
     while step < total_steps:
         # 1. the micro-batches of this optimizer step, and the global item count
