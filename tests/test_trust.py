@@ -198,12 +198,27 @@ def test_stopped_by_max_minutes_is_said_everywhere(stopped_run):
     assert stop_note({"steps": 6, "planned_steps": 6}) is None
 
 
+def test_a_judge_whose_verdict_follows_the_order_is_no_evidence():
+    from kdistill.judging import judge_evidence
+
+    biased = {"prompts": 32, "wins": 0, "ties": 32, "losses": 0, "win_rate": 0.5, "position_consistency": 0.0}
+    marked = judge_evidence(biased)
+    assert "no evidence" in marked["unreliable"] and "0%" in marked["unreliable"] and "unreliable" not in biased
+    sound = {**biased, "wins": 10, "ties": 22, "win_rate": 0.6563, "position_consistency": 0.8}
+    assert "unreliable" not in judge_evidence(sound)
+    assert "unreliable" not in judge_evidence({**biased, "position_consistency": None})  # all identical: nothing judged
+
+
 def test_report_has_answers_judge_cost_and_contamination(stopped_run):
     out, rep = stopped_run
     assert rep["eval_match"] == "exact" and set(rep["answers"]) >= {"teacher", "student"}
     assert 0 <= rep["answers"]["student"]["echo_share"] <= 1 and rep["answers"]["student"]["answers"] == 16
     j = rep["judge"]
-    assert j["prompts"] == 4 and j["wins"] + j["ties"] + j["losses"] == 4 and rep["retention"]["judge"] == 2 * j["win_rate"]
+    assert j["prompts"] == 4 and j["wins"] + j["ties"] + j["losses"] == 4
+    if j.get("unreliable"):  # a tiny random judge: its verdicts follow the order
+        assert "judge" not in rep["retention"] and "**Not evidence:**" in (out / "report.md").read_text()
+    else:
+        assert rep["retention"]["judge"] == 2 * j["win_rate"]
     assert rep["cost"]["student"]["cost_per_million_tokens"] > 0
     assert rep["contamination"]["held_out"] == 16
     md = (out / "report.md").read_text()

@@ -122,6 +122,22 @@ def blind_compare(rows: list[Example], teacher_answers: list[str], student_answe
     }
 
 
+MIN_POSITION_CONSISTENCY = 0.5  # below it, a blind judge's verdicts are no evidence
+
+
+def judge_evidence(result: dict) -> dict:
+    """``result`` of :func:`blind_compare`, marked ``unreliable`` (with why) when fewer than half of
+    the pairs it judged got the same verdict in both orders: the verdict then follows the answers'
+    position, not their content, and its win rate (0.5 from ties) must not read as parity."""
+    out = dict(result)
+    pc = out.get("position_consistency")
+    if pc is not None and pc < MIN_POSITION_CONSISTENCY:
+        out["unreliable"] = (f"the judge gave the same verdict in both orders on only {pc:.0%} of the pairs it judged: "
+                             "its verdict follows the answers' position, not their content, so it is no evidence "
+                             "either way (no judge retention; try a stronger judge: eval.judge.api)")
+    return out
+
+
 def correctness_judge(prefer: Prefer, template: Optional[str] = None,
                       keep: Optional[Path] = None) -> Callable[[list[Example], list[str]], list[bool]]:
     """``eval.match: judge``: ``(rows, answers) -> [correct?]``, the judge shown the question, the

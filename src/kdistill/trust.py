@@ -22,7 +22,7 @@ from typing import Optional
 from kdistill import trackers
 from kdistill.answer_stats import profiles
 from kdistill.errors import ConfigError
-from kdistill.judging import api_pair_judge, blind_compare, correctness_judge, local_pair_judge
+from kdistill.judging import api_pair_judge, blind_compare, correctness_judge, judge_evidence, local_pair_judge
 from kdistill.lm_eval_bridge import Benchmarks, benchmark_table
 from kdistill.report import headline
 from kdistill.sampling import sample_texts
@@ -174,9 +174,9 @@ class TrustChecks:
             if self.bench_unavailable:
                 rep["benchmarks_unavailable"] = self.bench_unavailable
         if self.judge_result is not None:
-            rep["judge"] = self.judge_result
-            if self.judge_result.get("win_rate") is not None:
-                rep["retention"]["judge"] = round(2 * self.judge_result["win_rate"], 4)
+            rep["judge"] = j = judge_evidence(self.judge_result)
+            if not j.get("unreliable") and j.get("win_rate") is not None:
+                rep["retention"]["judge"] = round(2 * j["win_rate"], 4)
         groups = {t.name: t.group for t in cfg.data.tasks or []}
         if cfg.eval.benchmarks is not None:
             groups.update({t.name: t.group for t in cfg.eval.benchmarks.task_list()})

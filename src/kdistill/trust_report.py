@@ -143,6 +143,8 @@ def markdown(rep: dict) -> list[str]:
                       f"{j['win_rate']:.2f}** (ties half; 0.5 = the judge cannot tell them apart; retention "
                       f"{2 * j['win_rate']:.2f}). Position consistency {_f(j.get('position_consistency'))}, identical "
                       f"answers {j.get('identical_answers', 0)}.", ""]
+            if j.get("unreliable"):
+                lines += [f"**Not evidence:** {j['unreliable']}.", ""]
     bench = rep.get("benchmarks") or {}
     if bench or rep.get("benchmarks_unavailable"):
         lines += ["## Benchmarks (lm-evaluation-harness)", "",
