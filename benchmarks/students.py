@@ -57,9 +57,10 @@ def _markdown(rows: list[dict], teacher: dict, search: dict, args, seconds: floa
              f"Command: `.venv/bin/python benchmarks/students.py --steps {args.steps} --probe-steps "
              f"{args.probe_steps} --train-rows {args.train_rows} --eval-rows {args.eval_rows} --target {args.target}`"
              f" ({seconds / 60:.0f} min in all; {platform.machine()}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads; 1-minute load average {load[0]:.1f} at the end: other jobs shared "
-             "the 2 cores, so tokens/s and seconds are inflated and noisy — rerun on a quiet machine for speed; "
-             "accuracy, perplexity and KL do not depend on load).", "",
+             f"{torch.get_num_threads()} threads; 1-minute load average {load[0]:.1f} at the end"
+             + (": other jobs shared the cores, so tokens/s and seconds are inflated and noisy — rerun on a quiet "
+                "machine for speed" if load[0] > (os.cpu_count() or 2) + 0.5 else ": no other heavy job ran")
+             + "; accuracy, perplexity and KL do not depend on load).", "",
              f"Teacher: SmolLM2-135M-Instruct (demo teacher), {teacher['params']:,} parameters, held-out accuracy "
              f"{teacher['metrics'].get('accuracy', 0):.1%}, perplexity {teacher['metrics']['perplexity']:.2f}. "
              f"Budget: {args.target:.0%} of its parameters. Every student: demo `method: logit` config, {args.steps} "
