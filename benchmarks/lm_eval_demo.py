@@ -115,7 +115,7 @@ def main() -> int:
     if not Path(args.student, "config.json").is_file():
         print(f"no student at {args.student}: run `make demo` first", file=sys.stderr)
         return 2
-    tasks = make_tasks(Path(args.out) / "tasks")
+    tasks = make_tasks(Path(str(args.out) + "-tasks"))  # beside the run folder: kdistill claims that one itself
     groups = {"kd_names_gen": "extraction", "kd_names_mc": "extraction", "kd_capitals_mc": "knowledge",
               "kd_sums_mc": "arithmetic"}
     cfg = load_config(None, [], base={
@@ -134,7 +134,7 @@ def main() -> int:
              "chat template applied; the name tasks with one worked example (the first row, as an earlier chat turn), "
              "the others 0-shot. "
              "A local task set made in code (lm-eval YAMLs over JSONL, "
-             "`runs/lm_eval_demo/tasks/`): `kd_names_gen` (write the full name, exact match after stripping a final "
+             "`runs/lm_eval_demo-tasks/`): `kd_names_gen` (write the full name, exact match after stripping a final "
              "period; 60 rows with unseen names and the demo's held-out sentence templates and phrasings), "
              "`kd_names_mc` (the same 60 sentences: which of four names is in it), `kd_capitals_mc` (30 capitals, "
              "four choices) and `kd_sums_mc` (40 sums of two numbers below 50, four choices). The demo trains only "
