@@ -150,3 +150,22 @@ def test_logit_with_api_teacher_points_to_sequence(tiny, tmp_path, capsys):
     cfg["student"] = {"model": str(tiny / "student")}
     line = one_line_error(*run_cli(tmp_path, cfg, capsys))
     assert "teacher.api" in line and "method: sequence" in line
+
+
+def test_messages_ending_on_a_user_turn_take_their_answer_from_response(tmp_path):
+    """A few-shot row (``messages`` with a context turn, ending on the user's question) may carry its
+    answer as ``response``; two different answers are one line naming the file and line."""
+    from kdistill.data import load_examples
+    from kdistill.errors import DataError
+
+    shot = [{"role": "user", "content": "Name? Ann Lee came."}, {"role": "assistant", "content": "Ann Lee", "train": False},
+            {"role": "user", "content": "Name? Bo Chan left."}]
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"id": "a", "messages": shot, "response": "Bo Chan"}) + "\n")
+    (ex,) = load_examples(good, require_response=True)
+    assert ex.response == "Bo Chan" and ex.messages[-1]["content"] == "Name? Bo Chan left."
+    twice = tmp_path / "twice.jsonl"
+    twice.write_text(json.dumps({"id": "b", "messages": shot + [{"role": "assistant", "content": "Bo Chan"}],
+                                 "response": "Ann Lee"}) + "\n")
+    with pytest.raises(DataError, match=r"twice.jsonl:1: two different responses"):
+        load_examples(twice, require_response=True)

@@ -86,8 +86,13 @@ def parse_row(row: Any, where: str, require_response: bool = True) -> Example:
                 for m in msgs]
         if msgs[-1]["role"] == "assistant":
             before, response = msgs[:-1], msgs[-1]["content"]
-        else:
-            before, response = msgs, None
+            if row.get("response") is not None and row["response"] != response:
+                raise DataError(f"{where}: two different responses ('messages' ends on an assistant turn and "
+                                "'response' says otherwise): keep one")
+        else:  # the answer to the last user turn, if any, may be given as 'response'
+            before, response = msgs, row.get("response")
+            if response is not None and not isinstance(response, str):
+                raise DataError(f"{where}: 'response' must be a string")
         if not any(m["role"] == "user" for m in before):
             raise DataError(f"{where}: 'messages' has no user turn before the response")
         history = msgs if sum(m["role"] == "assistant" for m in msgs) > 1 else []
