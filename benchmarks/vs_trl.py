@@ -185,7 +185,11 @@ def prepare(work: Path, rows: int, student_layers: int) -> None:
     from cache import _rows
 
     work.mkdir(parents=True, exist_ok=True)
-    data = _rows(rows + 4)
+    # one user turn and the answer per row (the demo rows' worked example dropped): the same plain
+    # prompt/response pairs for both tools
+    data = [{"id": r["id"], "prompt": next(m["content"] for m in reversed(r["messages"]) if m["role"] == "user"),
+             "response": r["response"], "reference": r.get("reference")} if "messages" in r else r
+            for r in _rows(rows + 4)]
     (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data[:rows]))
     (work / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data[rows:]))
     if (work / "student" / "config.json").is_file() and (work / "teacher" / "config.json").is_file():
