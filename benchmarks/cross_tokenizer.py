@@ -123,6 +123,7 @@ def main(argv=None) -> int:
 
     from kdistill.config import load_config
     from kdistill.run import run
+    from kdistill.store import claim_folder
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
     shared = None  # the teacher's and the initial student's figures: measured by the first arm, copied
     for arm in args.arms.split(","):
         out = work / arm
-        out.mkdir(parents=True, exist_ok=True)
+        claim_folder(out, "run")  # kdistill's own run folder before the shared figures are copied in
         if shared is not None:
             for f in ("eval_teacher.json", "eval_student_initial.json"):
                 if (shared / f).exists() and not (out / f).exists():
