@@ -367,7 +367,9 @@ def test_training_time_adds_up_across_resumes(tiny, tmp_path, monkeypatch):
     first = json.loads((out / "checkpoints" / "step-2" / "trainer_state.json").read_text())["seconds"]
     rep = run(cfg, progress=False)
     assert first > 0 and rep["training"]["seconds"] >= round(first, 1)
-    assert run(cfg, progress=False)["training"]["seconds"] == rep["training"]["seconds"]  # finished: nothing added
+    again = run(cfg, progress=False)["training"]
+    assert again["seconds"] == rep["training"]["seconds"]  # finished: nothing added
+    assert again["throughput"] is None and rep["training"]["throughput"]["measured_steps"] == 2  # nothing measured
 
 
 def test_held_out_rows_equal_to_training_rows_are_flagged(tiny, tmp_path, capsys):

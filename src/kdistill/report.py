@@ -168,7 +168,8 @@ def markdown(report: dict) -> str:
     tp = (tr or {}).get("throughput")
     if tp:
         sp = tp.get("step_split") or {}
-        lines.append(f"- throughput: {_fmt(tp['tokens_per_s'])} trained tokens/s, model FLOPs utilisation "
+        lines.append(f"- throughput ({tp['measured_steps']} steps measured in this session): "
+                     f"{_fmt(tp['tokens_per_s'])} trained tokens/s, model FLOPs utilisation "
                      f"{tp['mfu']:.2%} of {_fmt(tp['peak_tflops'])} TFLOP/s ({tp['peak_from']}), padding "
                      f"{tp['padding']:.1%} of positions (batching: {tr.get('batching', '?')}); step time: "
                      + ", ".join(f"{k} {v:.0%}" for k, v in sp.items()))

@@ -193,9 +193,12 @@ class StepMeter:
             t[k] += v
         return row
 
-    def summary(self) -> dict:
-        """The run's figures for the report (steps of this process since the run or its resume)."""
+    def summary(self) -> Optional[dict]:
+        """The run's figures for the report (steps of this process since the run or its resume);
+        None when no step ran here (a rerun of a finished run measures nothing)."""
         t = self.total
+        if not t["steps"]:
+            return None
         s = max(t["seconds"], 1e-9)
         if self.raised:
             self._remember(self.peak)
