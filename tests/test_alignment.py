@@ -142,3 +142,20 @@ def test_vocab_classes_match_strings_and_pair_the_ends_of_turn(toks):
     assert f"teacher {len(bpe):,} tokens, student {len(ch):,}" in text
     assert "teacher uses <|im_start|>, student none" in text
     assert "'<|im_end|>' -> student '</s>'" in text
+
+
+def test_context_turns_are_not_answers_on_either_side(toks):
+    """A worked example (an assistant turn marked ``"train": false``) is prompt on both sides: the
+    aligned encoding equals the plain one and holds one answer, the trained one, so the student's
+    answer is aligned with the teacher's answer and not with the example (one walk:
+    ``Renderer.assemble``)."""
+    ch, bpe = toks
+    ex = Example(id="x", messages=[{"role": "user", "content": "name alpha beta"},
+                                   {"role": "assistant", "content": "alpha", "train": False},
+                                   {"role": "user", "content": "name gamma delta"}], response="gamma")
+    for r in (Renderer(ch, 256), Renderer(bpe, 256), TurnRenderer(bpe, 256, chat_template=False, end_of_turn="\n")):
+        f, plain = encode_aligned(r, ex, end_of_turn(r, (), "\n" if isinstance(r, TurnRenderer) else None)), r.encode(ex)
+        assert f["input_ids"] == plain["input_ids"] and f["labels"] == plain["labels"]
+        assert len(f["answers"]) == 1
+        trained = [i for i, l in zip(f["input_ids"], f["labels"]) if l != -100]
+        assert "gamma" in r.tok.decode(trained) and "alpha" not in r.tok.decode(trained)

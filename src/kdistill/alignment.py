@@ -41,8 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from kdistill.data import IGNORE_INDEX, Example, Renderer
-from kdistill.errors import DataError
+from kdistill.data import Example, Renderer
 
 __all__ = ["Answer", "EndOfTurn", "TurnRenderer", "align", "answer_from_ids", "decode_ends", "encode_aligned", "end_of_turn",
            "token_ends", "tokenize_ends"]
@@ -82,7 +81,8 @@ class TurnRenderer(Renderer):
     """A :class:`~kdistill.data.Renderer` for a teacher that reads rows on its own: without a chat
     template its answers end with ``end_of_turn`` (e.g. ``"\\n"`` for a base model prompted
     few-shot) instead of EOS + newline, and its text starts with BOS when its tokenizer adds one to
-    plain text by itself (a Gemma base model needs it; the plain renderer asks only ``add_bos_token``).
+    plain text by itself (a Gemma base model needs it; the plain renderer asks only ``add_bos_token``;
+``extra_bos`` is read by :meth:`Renderer.assemble`).
     With a chat template it renders exactly like the plain one."""
 
     def __init__(self, tokenizer, max_length: int, system_prompt: Optional[str] = None, chat_template: bool = True,
@@ -96,13 +96,6 @@ class TurnRenderer(Renderer):
     def prompt_ids(self, example: Example) -> list[int]:
         ids = super().prompt_ids(example)
         return ([self.tok.bos_token_id] + ids)[-self.max_length:] if self.extra_bos else ids
-
-    def encode(self, example: Example, response: Optional[str] = None) -> dict:
-        f = super().encode(example, response)
-        if self.extra_bos:
-            f["input_ids"] = ([self.tok.bos_token_id] + f["input_ids"])[: self.max_length]
-            f["labels"] = ([IGNORE_INDEX] + f["labels"])[: self.max_length]
-        return f
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         if self.end_of_turn is None:
@@ -216,40 +209,17 @@ def _answer(seg_text: str, content: str, seg_ids: list[int], offsets, base: int,
 
 
 def encode_aligned(renderer: Renderer, example: Example, eot: EndOfTurn, response: Optional[str] = None) -> dict:
-    """:meth:`Renderer.encode` (the same ``input_ids`` and ``labels``) plus ``answers``: one
-    :class:`Answer` per assistant turn, in order (positions index ``input_ids``)."""
-    conv = renderer._with_system(example.conversation())
-    if response is not None:
-        conv = renderer._with_system(example.messages) + [{"role": "assistant", "content": response}]
-    ids: list[int] = []
-    labels: list[int] = []
+    """:meth:`Renderer.encode` (the same ``input_ids`` and ``labels``: one walk,
+    :meth:`Renderer.assemble`) plus ``answers``: one :class:`Answer` per trained assistant turn, in
+    order (positions index ``input_ids``)."""
     answers: list[Answer] = []
-    done = ""
-    for i, m in enumerate(conv):
-        if m["role"] != "assistant":
-            continue
-        before = renderer._render(conv[:i], add_generation_prompt=True)
-        upto = renderer._render(conv[: i + 1], add_generation_prompt=False)
-        if not before.startswith(done) or not upto.startswith(before):
-            raise DataError(f"row {example.id}: the chat template does not render conversations as prefixes")
-        seg_prompt = renderer._ids(before[len(done):])
-        seg_text = upto[len(before):]
-        seg_ids, offsets = tokenize_ends(renderer.tok, seg_text)
-        answers.append(_answer(seg_text, m["content"], seg_ids, offsets, len(ids) + len(seg_prompt), eot))
-        ids += seg_prompt + seg_ids
-        labels += [IGNORE_INDEX] * len(seg_prompt) + list(seg_ids)
-        done = upto
-    if renderer.use_template:
-        tail = renderer._render(conv, add_generation_prompt=False)[len(done):]
-        if tail:
-            t = renderer._ids(tail)
-            ids += t
-            labels += [IGNORE_INDEX] * len(t)
-    shift = 0
-    bos = getattr(renderer.tok, "bos_token_id", None)
-    if not renderer.use_template and bos is not None and (getattr(renderer.tok, "add_bos_token", False)
-                                                           or getattr(renderer, "extra_bos", False)):
-        ids, labels, shift = [bos] + ids, [IGNORE_INDEX] + labels, 1
+
+    def answer_ids(text: str, message: dict, start: int) -> list[int]:
+        seg_ids, offsets = tokenize_ends(renderer.tok, text)
+        answers.append(_answer(text, message["content"], seg_ids, offsets, start, eot))
+        return seg_ids
+
+    ids, labels, shift = renderer.assemble(example, response, answer_ids)
     n = min(len(ids), renderer.max_length)
     return {"input_ids": ids[:n], "labels": labels[:n], "id": example.id,
             "answers": [a.shifted(shift, n) for a in answers]}

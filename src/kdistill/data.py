@@ -22,7 +22,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -280,6 +280,20 @@ class Renderer:
         prompt) and up to its end; the difference is trained on. ``response`` replaces the row's
         response (e.g. with a teacher's answer).
         """
+        ids, labels, _ = self.assemble(example, response, lambda text, message, start: self._ids(text))
+        if len(ids) > self.max_length:
+            self.truncated += 1
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        return {"input_ids": ids, "labels": labels, "id": example.id}
+
+    def assemble(self, example: Example, response: Optional[str],
+                 answer_ids: Callable[[str, dict, int], list[int]]) -> tuple[list[int], list[int], int]:
+        """``(input_ids, labels, bos)`` of a row before truncation; ``bos`` is 1 when a BOS was put in
+        front (positions after it moved by one). ``answer_ids(text, message, start)`` tokenizes each
+        trained answer segment (``text``: the rendered segment of assistant ``message``, whose first
+        token lands at position ``start`` before the BOS); assistant turns marked ``"train": false``
+        stay prompt (context, never trained on). One walk for :meth:`encode` and
+        :func:`kdistill.alignment.encode_aligned`."""
         conv = self._with_system(example.conversation())
         if response is not None:
             conv = self._with_system(example.messages) + [{"role": "assistant", "content": response}]
@@ -294,7 +308,7 @@ class Renderer:
             if not before.startswith(done) or not upto.startswith(before):
                 raise DataError(f"row {example.id}: the chat template does not render conversations as prefixes")
             seg_prompt = self._ids(before[len(done):])
-            seg_answer = self._ids(upto[len(before):])
+            seg_answer = answer_ids(upto[len(before):], m, len(ids) + len(seg_prompt))
             ids += seg_prompt + seg_answer
             labels += [IGNORE_INDEX] * len(seg_prompt) + list(seg_answer)
             done = upto
@@ -305,12 +319,10 @@ class Renderer:
                 ids += t
                 labels += [IGNORE_INDEX] * len(t)
         bos = getattr(self.tok, "bos_token_id", None)
-        if not self.use_template and bos is not None and getattr(self.tok, "add_bos_token", False):
-            ids, labels = [bos] + ids, [IGNORE_INDEX] + labels
-        if len(ids) > self.max_length:
-            self.truncated += 1
-            ids, labels = ids[: self.max_length], labels[: self.max_length]
-        return {"input_ids": ids, "labels": labels, "id": example.id}
+        if not self.use_template and bos is not None and (getattr(self.tok, "add_bos_token", False)
+                                                          or getattr(self, "extra_bos", False)):
+            return [bos] + ids, [IGNORE_INDEX] + labels, 1
+        return ids, labels, 0
 
 
 def renderer_for(cfg, tokenizer) -> Renderer:
