@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -129,3 +130,17 @@ def cut_at_eos(tokens: Sequence[int], eos: Iterable[int]) -> list[int]:
         if t in eos:
             break
     return out
+
+
+def carry_rest(model: nn.Module, new: nn.Module, key: str) -> nn.Module:
+    """Finish a model rebuilt from ``model`` (pruned, made dense): copy its buffers (rotary tables,
+    ...) and generation config, match its dtype and train/eval mode. A buffer that does not fit is a
+    ``ModelError`` naming ``key``."""
+    bufs = dict(model.named_buffers())
+    for name, b in new.named_buffers():
+        if name not in bufs or bufs[name].shape != b.shape:
+            raise ModelError(f"{key}: cannot carry buffer {name} of {type(model).__name__}")
+        b.copy_(bufs[name])
+    new.generation_config = copy.deepcopy(model.generation_config)
+    return new.to(next(model.parameters()).dtype).train(model.training)
+

@@ -18,14 +18,13 @@ When all experts are equal the dense student equals the teacher exactly (tested)
 
 from __future__ import annotations
 
-import copy
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from kdistill.errors import ModelError
-from kdistill.models.introspect import count_params, decoder_layers
+from kdistill.models.introspect import carry_rest, count_params, decoder_layers
 
 #: The dense architecture a MoE's blocks become (same attention, norms, embeddings and MLP form).
 DENSE_OF = {"mixtral": "mistral", "qwen3_moe": "qwen3"}
@@ -162,10 +161,4 @@ def densify(model: nn.Module, experts: Sequence[int]) -> nn.Module:
         if t.shape != p.shape:
             raise ModelError(f"student.init.moe: {name}: shape {tuple(t.shape)} vs {tuple(p.shape)}")
         p.copy_(t)
-    bufs = dict(model.named_buffers())
-    for name, b in dense.named_buffers():
-        if name not in bufs or bufs[name].shape != b.shape:
-            raise ModelError(f"student.init.moe: cannot carry buffer {name}")
-        b.copy_(bufs[name])
-    dense.generation_config = copy.deepcopy(model.generation_config)
-    return dense.to(next(model.parameters()).dtype).train(model.training)
+    return carry_rest(model, dense, "student.init.moe")

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from kdistill.errors import ModelError
-from kdistill.models.introspect import decoder_layers
+from kdistill.models.introspect import carry_rest, decoder_layers
 
 #: Architectures whose blocks are Llama-shaped (q/k/v/o, gate/up/down, RMSNorm) and whose forward
 #: depends on the config only through the sizes rewritten here (no embedding scale by width).
@@ -233,14 +233,7 @@ def prune_width(model: nn.Module, plan: dict) -> nn.Module:
                              f"({tuple(part.shape)} vs {tuple(p.shape)})")
         p.copy_(part)
         p.requires_grad_(src[name].requires_grad)
-    bufs = dict(model.named_buffers())
-    for name, b in new.named_buffers():
-        if name not in bufs or bufs[name].shape != b.shape:
-            raise ModelError(f"student.init.width: cannot carry buffer {name} of {type(model).__name__}")
-        b.copy_(bufs[name])
-    new.generation_config = copy.deepcopy(model.generation_config)
-    new.to(next(model.parameters()).dtype)
-    return new.train(model.training)
+    return carry_rest(model, new, "student.init.width")
 
 
 def count_pruned(model: nn.Module, layers: Sequence[int], fractions: dict) -> int:
