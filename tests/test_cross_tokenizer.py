@@ -84,8 +84,8 @@ def test_gold_run_lowers_bits_per_byte_distance_and_the_student_stops_with_its_o
     teacher whose tokens it does not share, and its answers end with *its* EOS, as the teacher's end
     with <|im_end|>."""
     out = tmp_path / "gold"
-    # shuffled batches: the 50 steps see every length mixed (length-grouped batches reach the same
-    # bits per byte, but which rows come last decides whether the 16th answer already ends with </s>)
+    # shuffled batches: the 50 steps see every length mixed (with length-grouped batches the bits-per-byte
+    # check passes too, but which rows come last decides whether the 16th answer already ends with </s>)
     cfg = _cfg(pair, out, train={"max_steps": 50, "learning_rate": 5e-3, "save_every": 50, "batching": "shuffle"},
                eval={"generate": False, "speed_prompts": 0})
     rep = run(load_config(base=cfg), progress=False)

@@ -82,7 +82,7 @@ class TurnRenderer(Renderer):
     template its answers end with ``end_of_turn`` (e.g. ``"\\n"`` for a base model prompted
     few-shot) instead of EOS + newline, and its text starts with BOS when its tokenizer adds one to
     plain text by itself (a Gemma base model needs it; the plain renderer asks only ``add_bos_token``;
-``extra_bos`` is read by :meth:`Renderer.assemble`).
+``extra_bos`` is read by the plain renderer's prompt and answer encoding).
     With a chat template it renders exactly like the plain one."""
 
     def __init__(self, tokenizer, max_length: int, system_prompt: Optional[str] = None, chat_template: bool = True,
@@ -92,10 +92,6 @@ class TurnRenderer(Renderer):
         bos = getattr(tokenizer, "bos_token_id", None)
         self.extra_bos = (not self.use_template and bos is not None and not getattr(tokenizer, "add_bos_token", False)
                           and tokenizer("x")["input_ids"][:1] == [bos])
-
-    def prompt_ids(self, example: Example) -> list[int]:
-        ids = super().prompt_ids(example)
-        return ([self.tok.bos_token_id] + ids)[-self.max_length:] if self.extra_bos else ids
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         if self.end_of_turn is None:

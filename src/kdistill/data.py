@@ -237,6 +237,10 @@ def mix_tasks(rows: list[Example], weights: dict[str, float], seed: int) -> tupl
 class Renderer:
     """Turns conversations into token ids, with a chat template when the tokenizer has one."""
 
+    # without a template, put BOS in front even when the tokenizer's add_bos_token is off (a subclass
+    # sets it for a tokenizer that adds BOS to plain text by itself: kdistill.alignment.TurnRenderer)
+    extra_bos: bool = False
+
     def __init__(self, tokenizer, max_length: int, system_prompt: Optional[str] = None, chat_template: bool = True):
         self.tok = tokenizer
         self.max_length = max_length
@@ -268,9 +272,8 @@ class Renderer:
             ids = self._ids(self._render(msgs, add_generation_prompt=True))
         else:
             ids = self._ids("".join(m["content"] + "\n" for m in msgs))
-        bos = getattr(self.tok, "bos_token_id", None)
-        if not self.use_template and bos is not None and getattr(self.tok, "add_bos_token", False):
-            ids = [bos] + ids
+        if self._bos() is not None:
+            ids = [self._bos()] + ids
         return ids[-self.max_length:]
 
     def encode(self, example: Example, response: Optional[str] = None) -> dict:
@@ -318,11 +321,16 @@ class Renderer:
                 t = self._ids(tail)
                 ids += t
                 labels += [IGNORE_INDEX] * len(t)
-        bos = getattr(self.tok, "bos_token_id", None)
-        if not self.use_template and bos is not None and (getattr(self.tok, "add_bos_token", False)
-                                                          or getattr(self, "extra_bos", False)):
-            return [bos] + ids, [IGNORE_INDEX] + labels, 1
+        if self._bos() is not None:
+            return [self._bos()] + ids, [IGNORE_INDEX] + labels, 1
         return ids, labels, 0
+
+    def _bos(self) -> Optional[int]:
+        """The BOS id put in front of a template-less rendering, or None (a template writes its own)."""
+        bos = getattr(self.tok, "bos_token_id", None)
+        if self.use_template or bos is None:
+            return None
+        return bos if (getattr(self.tok, "add_bos_token", False) or self.extra_bos) else None
 
 
 def renderer_for(cfg, tokenizer) -> Renderer:
